@@ -327,13 +327,15 @@ class Policy:
         for part in ("transformer", "text_encoder"):
             _check_safetensors(path / part)
         try:
-            self.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True)
-            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", use_safetensors=True)
+            self.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True,
+                                                                     dtype=self.dtype)
+            self.text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", use_safetensors=True,
+                                                                            dtype=self.dtype)
             self.tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
-        self.transformer.to(self.device, self.dtype).requires_grad_(False).eval()
-        self.text_encoder.to(self.device, self.dtype).requires_grad_(False).eval()
+        self.transformer.to(self.device).requires_grad_(False).eval()
+        self.text_encoder.to(self.device).requires_grad_(False).eval()
         self.vae = None
 
     def _load_sd3(self, path: str) -> None:

@@ -1,0 +1,274 @@
+"""teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3, Stage 1).
+
+Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward, never
+seeing the others (paper Sec. 6). Two algorithms, the ones the paper used:
+
+  * GRPO-Guard (arXiv 2510.22319) = Flow-GRPO + RatioNorm + per-step 1/|dt| reweighting.
+    SDE rollouts at noise level a (Eq. 5-7, sampler.py) store log pi_old of every sampled
+    transition; group-normalised advantages; PPO-clip. `--algo flow-grpo` switches the
+    Guard off (plain Flow-GRPO).
+  * DiffusionNFT (arXiv 2509.16117): CFG-free, likelihood-free RL on the FORWARD process.
+    An "old" policy (a soft-updated copy) draws clean samples with the ODE sampler; the
+    reward makes a weight r in [0, 1]; the model is trained by flow matching on re-noised
+    samples through an implicit positive and negative policy.
+
+    python teachers.py --task ocr --algo grpo-guard        # ~12 min on 2 cores -> runs/teacher-ocr/
+    python teachers.py --task geneval --algo nft           # ~12 min
+    python teachers.py --task aesthetic --algo grpo-guard  # ~12 min
+    python teachers.py --task ocr --export ckpts/ocr       # ship a finished run's checkpoint
+
+Regenerate all shipped teachers (README, "Stage 1"): `bash -c 'for t in "geneval nft"
+"ocr grpo-guard" "aesthetic grpo-guard"; do set -- $t; python teachers.py --task $1 --algo $2
+--export ckpts/$1; done'`.
+
+Deliberate deviations from the papers (all for a 2-core CPU budget)
+  1. Toy sizes: 4 prompts x 8 images per iteration (Flow-GRPO: 24 per group, 48 GPUs), 10
+     rollout steps, LoRA r 32 / alpha 64 on the attention projections (as the paper), lr 1e-3.
+  2. No KL-to-reference term in either algorithm (GRPO-Guard's configs use none; NFT's is 1e-4,
+     left out) and no EMA of the trained weights.
+  3. NFT's old policy decay ramps as min(ramp * iteration, max) (our reading of the "decay
+     schedule"); NFT's rollouts use the same 10-step ODE grid as everything else.
+  4. One rollout batch feeds `minibatches` optimizer steps (so PPO ratios leave 1 and the clip
+     can act, as in Flow-GRPO, where a sample batch is split into several train batches).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import rewards as R
+import sampler as S
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    task: str = "ocr"                 # which task's prompts and reward (one of rewards.TASKS)
+    algo: str = "grpo-guard"          # grpo-guard | flow-grpo | nft
+    base: str = "base"                # the base checkpoint the adapter sits on
+    out: str = ""                     # run folder (default runs/teacher-<task>)
+    iters: int = 150                  # RL iterations (one rollout batch each)
+    prompts: int = 4                  # distinct prompts per iteration
+    group: int = 8                    # images per prompt (GRPO group; NFT uses the same)
+    steps: int = 10                   # rollout grid steps (training); evaluation uses 40
+    noise_level: float = 0.7          # a of Eq. 5 for GRPO rollouts (Flow-GRPO's SD3 value)
+    cfg: float = -1.0                 # rollout CFG; -1: the base's own (GRPO) / 1.0 (NFT, CFG-free)
+    lr: float = 1e-3                  # AdamW learning rate of the LoRA weights
+    rank: int = 32                    # LoRA rank (paper: 32)
+    alpha: int = 64                   # LoRA alpha (paper: 64)
+    clip: float = 1e-3               # PPO clip range epsilon on the (normalised) ratio
+    minibatches: int = 2              # optimizer steps per rollout batch (GRPO)
+    nft_strength: float = 1.0         # NFT's beta in v+- = (1 -+ beta) v_old +- beta v_theta
+    nft_adv_clip: float = 5.0         # NFT's c in r = clip(0.5 + 0.5 clip(A, -c, c) / c, 0, 1)
+    old_decay_max: float = 0.5        # NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)
+    old_decay_ramp: float = 0.01      # NFT: see old_decay_max
+    nft_times: int = 2                # NFT: re-noising times t drawn per clean sample
+    eval_every: int = 25              # small paired eval (n = eval_small) every N iterations
+    eval_small: int = 32              # images for the periodic eval
+    eval_n: int = 256                 # images per task for the final evaluation (all tasks)
+    seed: int = 0                     # seeds prompts, rollout noise and re-noising
+    export: str = ""                  # after training, copy checkpoint/ here (e.g. ckpts/ocr)
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=S.LORA_TARGETS, lora_dropout=0.0)
+
+
+def group_advantages(r: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """GRPO: A_i = (r_i - mean_group) / (std_group + 1e-4); groups with zero spread are dropped."""
+    rg = r.reshape(-1, group)
+    adv = (rg - rg.mean(1, keepdims=True)) / (rg.std(1, keepdims=True) + 1e-4)
+    keep = np.repeat(rg.std(1) > 1e-6, group)
+    return adv.reshape(-1), keep
+
+
+def guard_log_ratio(x_next, mean_new, mean_old, logp_old, std, ratio_norm: bool):
+    """log rho per sample. Plain Flow-GRPO: Delta = log p_theta(x') - log p_old(x') (means over
+    dims). GRPO-Guard's RatioNorm adds back the bias b = ||mu_theta - mu_old||^2 / (2 s^2)
+    (= step_kl, PER SAMPLE) and rescales by s, which equals the per-sample dot product
+    eps . (mu_theta - mu_old) (mean over dims): zero-mean, no 1/s blow-up."""
+    delta = S.gaussian_logprob(x_next, mean_new, std) - logp_old
+    if not ratio_norm:
+        return delta
+    return std * (delta + S.step_kl(mean_new, mean_old, std))
+
+
+def ppo_clip_loss(log_rho, adv, clip):
+    rho = log_rho.exp()
+    return torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip)).mean()
+
+
+def nft_loss(v_theta, v_old, x_t, t, x_data, r, strength):
+    """DiffusionNFT: implicit positive / negative policies and their x0-prediction losses,
+    each normalised by its detached mean absolute error (adaptive weight), divided by beta."""
+    tb = t.view(-1, *[1] * (x_t.dim() - 1))
+    v_pos = (1 - strength) * v_old + strength * v_theta
+    v_neg = (1 + strength) * v_old - strength * v_theta
+    err_pos = (x_t - tb * v_pos) - x_data                      # x0_hat(v) = x_t - t v
+    err_neg = (x_t - tb * v_neg) - x_data
+    w_pos = err_pos.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+    w_neg = err_neg.detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+    l_pos = err_pos.pow(2).flatten(1).mean(1) / w_pos
+    l_neg = err_neg.pow(2).flatten(1).mean(1) / w_neg
+    return ((r * l_pos + (1 - r) * l_neg) / strength).mean()
+
+
+def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
+    """The RL loop. `tasks` (default [cfg.task]) rotates round-robin, one task per iteration,
+    so joint/cascade multi-task baselines can share this loop."""
+    from tqdm import tqdm
+    tasks = tasks or [cfg.task]
+    for t in tasks:
+        if t not in R.TASKS:
+            raise S.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
+    out = Path(cfg.out or f"runs/teacher-{cfg.task}")
+    ckpt = out / "checkpoint"
+    if (ckpt / S.META).is_file():
+        print(f"{out} is finished: {ckpt} (delete the folder to start over)")
+        return ckpt
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    policy = S.Policy(cfg.base)
+    nft = cfg.algo == "nft"
+    g = (1.0 if nft else policy.guidance) if cfg.cfg < 0 else cfg.cfg
+    policy.add_adapter("teacher", config=lora_config(cfg))
+    params = list(policy.adapter_params("teacher").values())
+    if nft:                                                    # the old policy: a second adapter
+        policy.add_adapter("old", config=lora_config(cfg))
+        old_params = list(policy.adapter_params("old").values())
+        with torch.no_grad():
+            for o, p in zip(old_params, params):
+                o.copy_(p)
+    for p in params:                                           # only the teacher's LoRA trains
+        p.requires_grad_(True)
+    policy.use("teacher")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    grid = S.time_grid(cfg.steps, policy.base_meta.get("shift", 1.0))
+    shape = policy.latent_shape()
+    start = 0
+    state = {"params": params} | ({"old": old_params} if nft else {})
+    if (out / "state.json").is_file():
+        start = S.load_state(out / "state", state, opt)["iter"]
+        print(f"resuming {out} at iteration {start}")
+    conf = dataclasses.asdict(cfg) | {"rollout_cfg": g, "grid": [round(float(x), 5) for x in grid],
+                                      "lora_params": sum(p.numel() for p in params)}
+    S.write_json_atomic(out / "config.json", conf)
+    print(json.dumps(conf))
+    log = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
+        task = R.TASKS[tasks[it % len(tasks)]]
+        rng = np.random.default_rng([cfg.seed, it])
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        prompts = [task.train[k] for k in rng.integers(len(task.train), size=cfg.prompts) for _ in range(cfg.group)]
+        cond = policy.encode(prompts)
+        x1 = torch.randn((len(prompts), *shape), generator=gen)
+        rec = {"iter": it, "task": task.name}
+        if not nft:
+            # ---- 1. SDE rollout of the current policy, storing log pi_old (Eq. 5-7) ----
+            ro = S.rollout(policy, cond, x1, grid, cfg.noise_level, g, gen)
+            imgs = policy.decode(ro["states"][-1])
+            # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
+            r = task.reward(imgs, prompts, strict=False)
+            adv, keep = group_advantages(r, cfg.group)
+            rec |= {"reward": float(r.mean()), "kept": float(keep.mean())}
+            idx = np.flatnonzero(keep)
+            rng.shuffle(idx)
+            # ---- 3. PPO-clip over every step j, `minibatches` optimizer steps ----
+            clipped, n_terms = 0.0, 0
+            for mb in np.array_split(idx, cfg.minibatches) if len(idx) else []:
+                mbt = torch.as_tensor(mb)
+                sub = {k: v[mbt] for k, v in cond.items()}
+                a_t = torch.as_tensor(adv[mb], dtype=torch.float32)
+                opt.zero_grad(set_to_none=True)
+                for j in range(cfg.steps):
+                    t, t_next = float(grid[j]), float(grid[j + 1])
+                    x_j, x_next = ro["states"][j][mbt], ro["states"][j + 1][mbt]
+                    v = policy.velocity(x_j, t, sub, g)
+                    mean_new = S.step_mean(x_j, v, t, t_next, cfg.noise_level)          # Eq. 7, with grad
+                    log_rho = guard_log_ratio(x_next, mean_new, ro["means"][j][mbt], ro["logprobs"][j][mbt],
+                                              float(ro["stds"][j]), ratio_norm=cfg.algo == "grpo-guard")
+                    loss = ppo_clip_loss(log_rho, a_t, cfg.clip) / cfg.steps
+                    if cfg.algo == "grpo-guard":
+                        loss = loss / abs(t_next - t)                                  # Guard: 1/|dt_j| reweighting
+                    loss.backward()
+                    clipped += float(((log_rho.exp() - 1).abs() > cfg.clip).float().mean()); n_terms += 1
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            rec["clip_frac"] = clipped / max(n_terms, 1)
+        else:
+            # ---- 1. clean samples from the OLD policy, deterministic ODE, CFG-free ----
+            policy.use("old")
+            x_data = S.rollout(policy, cond, x1, grid, 0.0, g)["states"][-1]
+            policy.use("teacher")
+            imgs = policy.decode(x_data)
+            # ---- 2. rewards -> advantages -> optimality weight r in [0, 1] ----
+            r = task.reward(imgs, prompts, strict=False)
+            adv, _ = group_advantages(r, cfg.group)
+            c = cfg.nft_adv_clip
+            w = torch.as_tensor(np.clip(0.5 + 0.5 * np.clip(adv, -c, c) / c, 0, 1), dtype=torch.float32)
+            rec |= {"reward": float(r.mean())}
+            # ---- 3. forward-process loss on re-noised samples ----
+            opt.zero_grad(set_to_none=True)
+            for _ in range(cfg.nft_times):
+                t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98)
+                eps = torch.randn(x_data.shape, generator=gen)
+                tb = t.view(-1, 1, 1, 1)
+                x_t = (1 - tb) * x_data + tb * eps                                     # Sec. 2: x_t
+                with torch.no_grad():
+                    policy.use("old")
+                    v_old = policy.velocity(x_t, t, cond, g)
+                    policy.use("teacher")
+                v_theta = policy.velocity(x_t, t, cond, g)
+                loss = nft_loss(v_theta, v_old, x_t, t, x_data, w, cfg.nft_strength) / cfg.nft_times
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            # ---- 4. soft update of the old policy ----
+            d = min(cfg.old_decay_ramp * it, cfg.old_decay_max)
+            with torch.no_grad():
+                for o, p in zip(old_params, params):
+                    o.lerp_(p, 1 - d)
+        rec["time_s"] = round(time.time() - t0, 1)
+        if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
+            rec[f"eval_{task.name}"] = float(R.evaluate(policy, task.name, cfg.eval_small, guidance=g).mean())
+            S.save_state(out / "state", state, opt, {"iter": it + 1})
+        log.write(json.dumps(rec) + "\n"); log.flush()
+    # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
+    meta = {"role": "teacher", "task": cfg.task, "cfg": g,
+            "trained": {"algorithm": cfg.algo, "minutes": round((time.time() - t0) / 60, 2),
+                        "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base")}}}
+    policy.save_adapter("teacher", ckpt, meta)
+    scores = R.evaluate_checkpoint(str(ckpt), cfg.eval_n)
+    meta["scores"] = {k: float(np.mean(v)) for k, v in scores.items()} | {"n": cfg.eval_n}
+    S.write_json_atomic(ckpt / S.META, meta | {"base": S.read_meta(ckpt)["base"]})
+    print(f"teacher {cfg.task} ({cfg.algo}) in {meta['trained']['minutes']} min: {meta['scores']}")
+    return ckpt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(TeacherConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    cfg = TeacherConfig(**vars(ap.parse_args(argv)))
+    if cfg.algo not in ("grpo-guard", "flow-grpo", "nft"):
+        print(f"error: --algo {cfg.algo!r} is not one of grpo-guard, flow-grpo, nft", file=sys.stderr); sys.exit(2)
+    try:
+        ckpt = train(cfg)
+        if cfg.export:
+            S.export_checkpoint(ckpt, cfg.export)
+            print(f"exported {ckpt} -> {cfg.export}")
+    except S.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr); sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
