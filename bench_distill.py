@@ -32,7 +32,7 @@ def three_pass_task(policy: S.Policy, teacher: str, g_teacher: float, g_student:
             t, t_next = float(grid[j]), float(grid[j + 1])
             std = S.step_std(t, t_next, a)
             mean = S.step_mean(x, policy.velocity(x, t, cond, g_student), t, t_next, a)
-            x = mean + std * (torch.randn(x.shape, generator=gen) if std > 0 else 0.0)
+            x = mean + std * (torch.randn(x.shape, generator=gen).to(x) if std > 0 else 0.0)
             states.append(x)
     # ---- pass 2: teacher means at those states ----
     means_t = []

@@ -287,8 +287,10 @@ class Policy:
     sit on ONE backbone (as in the paper's released code); `use(name)` switches, use(None) is
     the plain base."""
 
-    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = torch.device(device), dtype
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        # the device is detected: a GPU when there is one (real scale), else the CPU (toy scale)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
         meta = read_meta(path) if Path(path).is_dir() else {}
         adapter = None
         if meta.get("role") in ("teacher", "student"):
