@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -232,7 +233,6 @@ def resolve_base(ckpt: str | Path, meta: dict) -> str:
 def export_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Ship a run's checkpoint/ (e.g. to base/ or ckpts/ocr/): copy, re-point the relative base
     path at the new location, and rename into place (the old dst is replaced only when complete)."""
-    import shutil
     src, dst = Path(src), Path(dst)
     meta = read_meta(src)
     if not meta:
@@ -249,7 +249,6 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 def replace_dir(tmp: Path, dst: Path) -> None:
     """Move a complete folder tmp to dst; an existing dst is swapped out only at the end."""
-    import shutil
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         old = dst.with_name(dst.name + ".old")
@@ -413,9 +412,7 @@ class Policy:
         from safetensors.torch import save_file
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         sd = get_peft_model_state_dict(self.net, adapter_name=name)
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()},
@@ -545,9 +542,11 @@ def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 
     return np.concatenate(out)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":                                    # python sampler.py CKPT --prompt P [--prompt Q]
     import argparse
-    ap = argparse.ArgumentParser(description="Sample a checkpoint with the 40-step ODE sampler.")
+    import numpy as np
+    from PIL import Image
+    ap = argparse.ArgumentParser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
     ap.add_argument("ckpt"); ap.add_argument("--prompt", action="append", required=True)
     ap.add_argument("--n", type=int, default=8); ap.add_argument("--out", default="runs/sampler.png")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's own)")
@@ -555,11 +554,9 @@ if __name__ == "__main__":
     try:
         pol = Policy(args.ckpt)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr); sys.exit(2)
-    from PIL import Image
-    import numpy as np
-    rows = [sample(pol, [p] * args.n, list(range(args.n)), guidance=args.cfg) for p in args.prompt]
-    grid_img = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+    img = np.concatenate([np.concatenate(list(sample(pol, [p] * args.n, list(range(args.n)), guidance=args.cfg)), 1)
+                          for p in args.prompt], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_img).resize((grid_img.shape[1] * 4, grid_img.shape[0] * 4), Image.NEAREST).save(args.out)
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(args.out)
     print(f"wrote {args.out}")
