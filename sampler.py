@@ -46,6 +46,7 @@ Deliberate deviations / choices
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -352,16 +353,14 @@ class Policy:
             for f in parts:
                 if not (Path(path) / f).is_dir():
                     raise CheckpointError(f"{path}: SD3 pipeline folder is missing {f}/ (model_index.json lists it)")
-            for f in parts:
                 _check_safetensors(Path(path) / f)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: cannot load an SD3 pipeline ({str(e).splitlines()[0]})") from None
         pipe.to(self.device)
-        for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if m is not None:
-                m.requires_grad_(False).eval()
+        for m in filter(None, (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)):
+            m.requires_grad_(False).eval()
         self.pipe, self.transformer, self.vae = pipe, pipe.transformer, pipe.vae
 
     # -- adapters -----------------------------------------------------------------
@@ -421,13 +420,9 @@ class Policy:
         cfg["base_model_name_or_path"] = None                  # PEFT would write an absolute path here
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        base = Path(self.base_path)
-        meta = dict(meta)
-        if base.is_dir():
-            meta["base"] = {"path": os.path.relpath(base.resolve(), out_dir.resolve()),
-                            "hash": content_hash(base)}
-        else:
-            meta["base"] = {"path": self.base_path, "hash": None}
+        base = Path(self.base_path)                           # relative path + hash, or a hub id
+        meta = dict(meta, base={"path": os.path.relpath(base.resolve(), out_dir.resolve()), "hash": content_hash(base)}
+                    if base.is_dir() else {"path": self.base_path, "hash": None})
         write_json_atomic(tmp / META, meta)
         replace_dir(tmp, out_dir)
 
@@ -463,10 +458,8 @@ class Policy:
         else:                                                  # one batched pass: [uncond; cond]
             args = kw(torch.cat([x, x]), torch.cat([cond["uemb"], cond["emb"]]),
                       torch.cat([cond["upooled"], cond["pooled"]]), torch.cat([tt, tt]))
-        if self.active is None and self.net is not self.transformer:
-            with self.net.disable_adapter():
-                out = self.net(**args)[0]
-        else:
+        plain = self.active is None and self.net is not self.transformer       # use(None): adapters off
+        with self.net.disable_adapter() if plain else contextlib.nullcontext():
             out = self.net(**args)[0]
         out = out.to(x.dtype)
         if g == 1.0:
@@ -484,13 +477,10 @@ class Policy:
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
-        c = self.transformer.config.in_channels
-        if self.vae is None:                                   # pixel space: the state is the image
-            r = resolution or self.transformer.config.sample_size
-            return (c, r, r)
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        r = resolution or self.transformer.config.sample_size * f
-        return (c, r // f, r // f)
+        """(C, H, W) of a state; pixel space (toy) has no VAE, so f = 1."""
+        f = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        r = (resolution or self.transformer.config.sample_size * f) // f
+        return (self.transformer.config.in_channels, r, r)
 
 
 # ------------------------------------------------------------------------------------
@@ -523,11 +513,8 @@ def rollout(policy: Policy, cond: dict, x: torch.Tensor, grid: torch.Tensor, a: 
             if std > 0:
                 logps.append(gaussian_logprob(x.to(mean.dtype), mean, std))
             states.append(x); means.append(mean); noises.append(eps); stds.append(std)
-    out = {"states": torch.stack(states), "means": torch.stack(means), "noises": torch.stack(noises),
-           "stds": torch.tensor(stds, dtype=torch.float64), "grid": grid}
-    if logps:
-        out["logprobs"] = torch.stack(logps)
-    return out
+    return {"states": torch.stack(states), "means": torch.stack(means), "noises": torch.stack(noises),
+            "stds": torch.tensor(stds, dtype=torch.float64), "grid": grid} | ({"logprobs": torch.stack(logps)} if logps else {})
 
 
 def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 40, shift: float = 1.0,

@@ -1,7 +1,7 @@
 """test_opd.py - the project's tests: the math against float64 oracles, the toy world and its
 rewards, the policy on a tiny offline SD3 pipeline, the derivation notebook, Stage 1, Stage 2.
 
-    python -m pytest test_opd.py -q          # ~6-8 min on 2 CPU cores, nothing downloaded
+    python -m pytest test_opd.py -q          # 152 tests, ~1.5-2.5 min on 2 CPU cores, nothing downloaded
 
 Sections: 1. sampler math (oracles: diffusers' scheduler, Eq. 5-7 / 11-12 written out,
 torch.distributions)  2. the policy on a tiny random StableDiffusion3Pipeline + LoRA adapters +
@@ -34,15 +34,11 @@ import teachers as T
 import toy
 
 
-# ######################################################################################
-# 1-2. sampler math and the policy  (was _t_sampler.py)
-# ######################################################################################
+# ==== 1-2. sampler math and the policy ====
 F64 = torch.float64
 
 
-# =====================================================================================
-# 1. time grid  (oracle: diffusers' FlowMatchEulerDiscreteScheduler)
-# =====================================================================================
+# ---- 1. time grid  (oracle: diffusers' FlowMatchEulerDiscreteScheduler) --------------------
 @pytest.mark.parametrize("n,shift", [(1, 1.0), (4, 1.0), (10, 3.0), (40, 3.0)])
 def test_time_grid_endpoints_monotone_float64(n, shift):
     """t_0 = 1 (noise), t_N = 0 (data) exactly, strictly decreasing (dt < 0), float64."""
@@ -89,9 +85,7 @@ def test_diffusers_default_grid_differs_from_ours():
     assert sampler.time_grid(10, 3.0)[-2].item() == pytest.approx(0.25)     # 3 * .1 / (1 + 2 * .1)
 
 
-# =====================================================================================
-# 2. the a = 0 step  (oracle: FlowMatchEulerDiscreteScheduler.step)
-# =====================================================================================
+# ---- 2. the a = 0 step  (oracle: FlowMatchEulerDiscreteScheduler.step) ---------------------
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_a0_step_equals_scheduler_step(dtype, shift):
@@ -110,9 +104,7 @@ def test_a0_step_equals_scheduler_step(dtype, shift):
         assert sampler.step_std(t, t_next, 0.0) == 0.0
 
 
-# =====================================================================================
-# 3. the transition kernel  (oracle: Eq. 5-7 written out here, and the SDE drift form)
-# =====================================================================================
+# ---- 3. the transition kernel  (oracle: Eq. 5-7 written out here, and the SDE drift form) ----
 def _eq5_7(t, t_next, a):
     """Paper Eq. 5-7, with the Flow-GRPO substitution 1 - t -> 1 - t_next inside sigma_t at t = 1."""
     dt = t_next - t
@@ -182,9 +174,7 @@ def test_kernel_rejects_bad_noise_level(a):
         sampler.kernel(0.5, 0.3, a)
 
 
-# =====================================================================================
-# 4. Gaussian log-prob  (oracle: torch.distributions.Normal)
-# =====================================================================================
+# ---- 4. Gaussian log-prob  (oracle: torch.distributions.Normal) ----------------------------
 @pytest.mark.parametrize("std", [0.05, 0.7, 1.3])
 def test_gaussian_logprob_vs_torch_normal(std):
     """MEAN over non-batch dims of Normal(mean, std).log_prob(x)."""
@@ -204,9 +194,7 @@ def test_gaussian_logprob_no_density_at_std0(std):
         sampler.gaussian_logprob(x, x, std)
 
 
-# =====================================================================================
-# 5. per-step KL  (oracle: torch.distributions.kl_divergence; Eq. 12 written out)
-# =====================================================================================
+# ---- 5. per-step KL  (oracle: torch.distributions.kl_divergence; Eq. 12 written out) -------
 @pytest.mark.parametrize("std", [0.05, 0.7, 2.0])
 def test_step_kl_vs_torch_kl(std):
     """Eq. 11: mean over dims of KL(N(mu_S, std) || N(mu_T, std)) from torch.distributions."""
@@ -253,9 +241,7 @@ def test_velocity_kl_weight(t, t_next, a):
     assert w == pytest.approx(closed, rel=1e-12)
 
 
-# =====================================================================================
-# 6. the policy on a tiny random SD3 pipeline, built offline
-# =====================================================================================
+# ---- 6. the policy on a tiny random SD3 pipeline, built offline ----------------------------
 _CLIP_LEN = 16            # CLIP tokenizer model_max_length (= CLIP max_position_embeddings)
 _T5_LEN = 256             # encode_prompt's default max_sequence_length for T5
 
@@ -427,9 +413,7 @@ def test_sd3_sample_seeded(sd3_policy):
     assert np.array_equal(imgs[1], sampler.sample(sd3_policy, ["cd 3"], [8], **kw)[0])
 
 
-# =====================================================================================
-# 7. LoRA adapters on the tiny pipeline's transformer  (oracle: the saving policy's outputs)
-# =====================================================================================
+# ---- 7. LoRA adapters on the tiny pipeline's transformer  (oracle: the saving policy's outputs) ----
 def _lora_config():
     from peft import LoraConfig
     return LoraConfig(r=4, lora_alpha=8, target_modules=sampler.LORA_TARGETS, init_lora_weights=True)
@@ -555,9 +539,7 @@ def test_teacher_policy_uses_its_own_cfg(lora_ckpts, tmp_path):
     assert pol.meta.get("task") == "ocr"
 
 
-# =====================================================================================
-# 8. bad input: one CheckpointError that names the folder
-# =====================================================================================
+# ---- 8. bad input: one CheckpointError that names the folder -------------------------------
 def _raises_naming(path, *words):
     """Policy(path) must raise CheckpointError whose message names the path (and words)."""
     with pytest.raises(sampler.CheckpointError) as e:
@@ -636,9 +618,7 @@ def test_bad_adapter_twice(lora_ckpts, sd3_dir):
     assert str(lora_ckpts["geneval"]) in str(e.value)
 
 
-# ######################################################################################
-# 3. the derivation notebook  (was _t_notebook.py)
-# ######################################################################################
+# ==== 3. the derivation notebook ====
 HERE = Path(__file__).resolve().parent
 
 
@@ -657,9 +637,7 @@ def test_kl_proof_notebook_executes(monkeypatch):
     assert " checks, 0 failed" in summary, summary[-2000:]
 
 
-# ######################################################################################
-# 4. the toy world and its scorers  (was _t_world.py)
-# ######################################################################################
+# ==== 4. the toy world and its scorers ====
 RNG_SEED = 0
 
 
@@ -860,11 +838,8 @@ def test_task_table():
         rewards.score("geneval", _noise(2), ["a square"])
 
 
-# ######################################################################################
-# 5-7. toy base, evaluation, Stage 1, Stage 2  (was _t_stage.py)
-# ######################################################################################
-REPO = Path(__file__).resolve().parent
-F64 = torch.float64
+# ==== 5-7. toy base, evaluation, Stage 1, Stage 2 ====
+REPO = HERE
 
 
 def _cli(*args, cwd=REPO, env=None, timeout=300):
@@ -874,9 +849,7 @@ def _cli(*args, cwd=REPO, env=None, timeout=300):
                           timeout=timeout, env=e)
 
 
-# =====================================================================================
-# the tiny toy base: pretrained for a few steps, in the checkpoint contract
-# =====================================================================================
+# ---- the tiny toy base: pretrained for a few steps, in the checkpoint contract -------------
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     d = tmp_path_factory.mktemp("toybase")
@@ -950,9 +923,7 @@ def test_pretrain_resume_is_exact(tmp_path, monkeypatch):
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
 
 
-# =====================================================================================
-# evaluation protocol, cache, results table
-# =====================================================================================
+# ---- evaluation protocol, cache, results table ---------------------------------------------
 def test_results_average_is_the_papers_rule():
     rows = [{"name": "a", "scores": {"geneval": 0.2, "ocr": 0.5, "aesthetic": 5.0}},
             {"name": "b", "scores": {"geneval": 0.6, "ocr": 0.5, "aesthetic": 7.0}},
@@ -1001,9 +972,7 @@ def test_rewards_cli_prints_table_and_json(tiny_base, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:"), bad.stderr
 
 
-# =====================================================================================
-# Stage 1: the algorithms' own pieces, then smoke runs
-# =====================================================================================
+# ---- Stage 1: the algorithms' own pieces, then smoke runs ----------------------------------
 def test_ratio_norm_is_per_sample_dot_product():
     """GRPO-Guard RatioNorm (anchors.md): s (Delta + b) = eps . (mu_theta - mu_old), PER SAMPLE
     (mean over dims, as our log-probs), in float64; plain Flow-GRPO keeps the biased Delta."""
@@ -1062,9 +1031,7 @@ def test_teacher_smoke(tiny_base, tmp_path, algo):
     assert pol.active == "ocr" and pol.guidance == meta["cfg"]
 
 
-# =====================================================================================
-# Stage 2
-# =====================================================================================
+# ---- Stage 2 -------------------------------------------------------------------------------
 def _make_teacher(base, out, task, seed, cfg=None, rank=4):
     from peft import LoraConfig
     pol = S.Policy(str(base))
@@ -1258,9 +1225,7 @@ def test_distill_nan_loss_stops_cleanly(tiny_teachers, tmp_path):
     assert not (out / "checkpoint").exists() and not (out / "results.json").exists()
 
 
-# =====================================================================================
-# the shipped checkpoints
-# =====================================================================================
+# ---- the shipped checkpoints ---------------------------------------------------------------
 @pytest.mark.parametrize("ckpt", ["base"] + sorted(f"ckpts/{p.name}" for p in (REPO / "ckpts").iterdir() if p.is_dir()))
 def test_shipped_checkpoints_follow_the_contract(ckpt):
     """base/ and ckpts/*: load as policies, carry opd.json without absolute paths, and their

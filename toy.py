@@ -21,10 +21,8 @@ combinations never seen in training. `parse(prompt)` turns a prompt into the spe
 rewards.py checks.
 
 Run:
-    python toy.py                  # pretrain the base: 14.6 min on 2 cores -> runs/toy/checkpoint/,
-                                   # then evaluate it (n = 256 per task, ~2 min) into its opd.json
+    python toy.py                  # pretrain: 14.6 min on 2 cores, then evaluate (~2 min) -> runs/toy/
     python toy.py --export base    # ship the finished run's checkpoint to base/ (documented export)
-    python -c "import toy; print(toy.prompts('ocr', 'test')[:4])"
 
 Why it looks the way it does (measured on a 2-core CPU, design.md "Facts measured"):
   * 32 px: the smallest size at which two glyphs stay legible to PP-OCR.
@@ -238,8 +236,7 @@ def _jit(rng, rgb, amount):
 
 
 def _draw_shape(draw, shape, cx, cy, size, fill):
-    """Square or up-pointing triangle inside the size x size box centred at (cx, cy);
-    coordinates in supersampled pixels."""
+    """Square or up-pointing triangle in the size x size box at (cx, cy), supersampled pixels."""
     h = size / 2
     if shape == "square":
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -248,8 +245,7 @@ def _draw_shape(draw, shape, cx, cy, size, fill):
 
 
 def _render_geneval(spec, rng):
-    g = rng.integers(185, 226)                                    # light grey background
-    bg = _jit(rng, (g, g, g), 6)
+    bg = _jit(rng, (int(rng.integers(185, 226)),) * 3, 6)         # light grey background
     k = SUPERSAMPLE
     im = Image.new("RGB", (RES * k, RES * k), bg)
     draw = ImageDraw.Draw(im)
@@ -372,39 +368,29 @@ def confusable(prompt: str, rng: np.random.Generator) -> str:
         return f"{_obj_phrase(objs[1]['color'], objs[0]['shape'])} and {_obj_phrase(objs[0]['color'], objs[1]['shape'])}"
     if spec["category"] == "counting":
         n = objs[0]["count"]
-        m = int(rng.choice([k for k in (n - 1, n + 1) if 2 <= k <= 4]))
-        return _obj_phrase(objs[0]["color"], objs[0]["shape"], m)
+        return _obj_phrase(objs[0]["color"], objs[0]["shape"], int(rng.choice([k for k in (n - 1, n + 1) if 2 <= k <= 4])))
     if spec["category"] == "colors":
         return _obj_phrase(str(rng.choice([c for c in COLORS if c != objs[0]["color"]])), objs[0]["shape"])
     return prompt
 
 
 def render(prompt: str, rng: np.random.Generator) -> np.ndarray:
-    """Ground-truth image for any toy prompt: uint8 (RES, RES, 3). Canonical layout,
-    with small jitter (position and size +-1 px, colours a few levels) drawn from rng."""
+    """Ground truth for any toy prompt: uint8 (RES, RES, 3), canonical layout, +-1 px / colour jitter."""
     spec = parse(prompt)
     draw = {"geneval": _render_geneval, "ocr": _render_ocr, "aesthetic": _render_aesthetic}
     return np.asarray(draw[spec["task"]](spec, rng), dtype=np.uint8)
 
 
-# ---- the tiny base model and its pretraining (added by lead) ----
-# The base plays SD3.5-Medium's part: a diffusers SD3Transformer2DModel (the same class,
-# MMDiT joint attention, adaLN) in PIXEL space (in_channels 3, no VAE), conditioned by a
-# tiny transformers CLIPTextModelWithProjection (sequence embeddings -> joint attention,
-# pooled embedding -> adaLN). Both are standard library classes saved in their standard
-# folders, so sampler.Policy loads the base without importing this file.
-#
-# Tokenizer: a WordLevel `tokenizers` model wrapped in PreTrainedTokenizerFast. Lower-case
-# runs are word tokens; every other character (upper-case glyph, digit, quote) is a token
-# of its own - so an OCR string never seen in training ("Q4") is still a sequence of known
-# character tokens (a held-out string needs a character-level encoding).
-#
-# What was tried / chosen (design.md, "Facts measured"): patch 4 (patch 2 was slower and
-# speckled), width 128, 5 layers (~2M parameters), zero-initialised output and adaLN
-# modulation (each block starts as the identity, as in DiT), lr 2e-3 with an EMA of the
-# weights (the EMA is what gets saved), captions dropped 10% of the time for CFG.
-
-
+# ---- the tiny base model and its pretraining ---------------------------------------
+# The base plays SD3.5-Medium's part: a diffusers SD3Transformer2DModel (the same class, MMDiT
+# joint attention, adaLN) in PIXEL space (in_channels 3, no VAE), conditioned by a tiny
+# transformers CLIPTextModelWithProjection (sequence -> joint attention, pooled -> adaLN);
+# standard classes in standard folders, so sampler.Policy loads the base without this file.
+# Tokenizer: lower-case runs are word tokens, every other character (glyph, digit, quote) is
+# a token of its own, so a held-out OCR string is still a sequence of known tokens.
+# Chosen (design.md, "Facts measured"): patch 4, width 128, 5 blocks (2.9M parameters), zero-
+# initialised output and adaLN modulation (each block starts as the identity, as in DiT),
+# lr 2e-3 and an EMA of the weights (what gets saved), captions dropped 10% for CFG.
 SPECIALS = ["<pad>", "<bos>", "<unk>", "<eos>"]   # eos id 3: CLIP's pooled output takes the first eos
 MAX_TOKENS = 24
 
@@ -488,7 +474,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     print(f"base: {sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M transformer + "
           f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M text encoder params, {cfg.steps} steps x {cfg.batch}")
     log = open(out / "log.jsonl", "a")
-    tr.train(); te.train()
     t0 = time.time()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain"):
         rng = np.random.default_rng([cfg.seed, step])          # data depends on (seed, step) only: exact resume
@@ -501,10 +486,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         ps = [confusable(p, rng) if u < cfg.caption_noise else p for p, u in zip(ps, rng.random(cfg.batch))]
         ps = [("" if u < cfg.drop_caption else p) for p, u in zip(ps, rng.random(cfg.batch))]
         eps = torch.randn(x_data.shape, generator=gen)
-        # times: half uniform, half SD3's logit-normal(0, 1). Uniform alone (v1) learned layouts and
-        # crisp edges but not glyph identity (OCR 0.07); logit-normal alone (v2) learned glyphs (OCR
-        # 0.82) but drew ragged shapes with speckled backgrounds: in pixel space the ends of [0, 1]
-        # matter (layout near t = 1, edges near t = 0) and logit-normal starves them.
+        # times: half uniform, half SD3's logit-normal. Uniform alone (v1): OCR 0.07; logit-normal alone
+        # (v2): ragged shapes, GenEval 0.14 - in pixel space layout (t ~ 1) and edges (t ~ 0) matter.
         t = torch.where(torch.rand(cfg.batch, generator=gen) < 0.5, torch.rand(cfg.batch, generator=gen),
                         torch.sigmoid(torch.randn(cfg.batch, generator=gen)))
         x_t = (1 - t[:, None, None, None]) * x_data + t[:, None, None, None] * eps   # Sec. 2: x_t
@@ -513,8 +496,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         v = tr(hidden_states=x_t, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
                timestep=t * 1000.0, return_dict=False)[0]
         loss = (v - (eps - x_data)).pow(2).mean()              # flow matching: v target = eps - x_data
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
+        opt.param_groups[0]["lr"] = cfg.lr * min(1.0, (step + 1) / 100)      # 100-step warm-up
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -523,8 +505,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - cfg.ema)
         if step % 20 == 0:
-            log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)}) + "\n")
-            log.flush()
+            print(json.dumps({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)}), file=log, flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             S.save_state(out / "state", {"params": params, "ema": ema}, opt, {"step": step + 1})
     # ---- export the EMA weights as a checkpoint of the contract (README, "Checkpoints") ----
@@ -547,7 +528,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(description="Pretrain the toy base by flow matching (~12 min on 2 cores).")
+    ap = argparse.ArgumentParser(description="Pretrain the toy base by flow matching (~15 min on 2 cores).")
     for f in dataclasses.fields(PretrainConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     cfg = PretrainConfig(**vars(ap.parse_args(argv)))
@@ -555,17 +536,14 @@ def main(argv=None):
         ckpt = pretrain(cfg)
         if cfg.eval_n:                                         # scores on every task -> metadata
             import rewards as R
-            scores = R.evaluate_checkpoint(str(ckpt), cfg.eval_n)
-            meta = S.read_meta(ckpt)
-            meta["scores"] = {k: round(float(v.mean()), 4) for k, v in scores.items()} | {"n": cfg.eval_n}
-            S.write_json_atomic(ckpt / S.META, meta)
-            print("base scores:", meta["scores"])
+            sc = {k: round(float(v.mean()), 4) for k, v in R.evaluate_checkpoint(str(ckpt), cfg.eval_n).items()}
+            S.write_json_atomic(ckpt / S.META, S.read_meta(ckpt) | {"scores": sc | {"n": cfg.eval_n}})
+            print("base scores:", sc)
         if cfg.export:
             S.export_checkpoint(ckpt, cfg.export)
             print(f"exported {ckpt} -> {cfg.export}")
     except S.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
 
 
 if __name__ == "__main__":
