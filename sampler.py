@@ -41,8 +41,7 @@ Deliberate deviations / choices
      passed as `sigmas=` to set_timesteps (it shifts them once); tested.
   3. Eq. 11 is implemented as the paper writes it, with the (-dt) in sbar^2. The released
      code divides by 2 sigma_t^2 without it (a weight off by 1/|dt| per step).
-  4. Content hash of a base = sha256 of its transformer's safetensors (the weights the
-     adapters sit on); for a hub id the id itself is recorded and compared.
+  4. Base hash = sha256 of its transformer's safetensors (what adapters sit on); a hub id as is.
 """
 from __future__ import annotations
 
@@ -98,6 +97,12 @@ def step_mean(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, a: floa
     return cx * x + cv * (t_next - t) * v                      # Eq. 7: mu(x_j)
 
 
+def noised(x_data: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The forward (training) interpolation x_t = (1 - t) x_data + t eps, t of shape (B,)  [Sec. 2]."""
+    tb = t.view(-1, *[1] * (x_data.dim() - 1))
+    return (1 - tb) * x_data + tb * eps
+
+
 def step_std(t: float, t_next: float, a: float) -> float:
     return kernel(t, t_next, a)[2]                             # Eq. 6: sbar_j
 
@@ -145,8 +150,7 @@ class CheckpointError(Exception):
 
 
 def read_meta(path: str | Path) -> dict:
-    p = Path(path) / META
-    if not p.is_file():
+    if not (p := Path(path) / META).is_file():
         return {}
     try:
         return json.loads(p.read_text())
@@ -209,8 +213,7 @@ def content_hash(model_dir: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+            hashlib.file_digest(fh, lambda: h)                  # streams the file into h
     return h.hexdigest()[:16]
 
 
@@ -445,9 +448,7 @@ class Policy:
         return {"emb": e, "pooled": p, "uemb": ue.expand_as(e), "upooled": up.expand_as(p)}
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor, cond: dict, guidance: float | None = None) -> torch.Tensor:
-        """v(x, t | prompt), with classifier-free guidance v_u + g (v_c - v_u) when g != 1.
-
-        Carries gradients into trainable adapter weights when called outside no_grad."""
+        """v(x, t | prompt), CFG v_u + g (v_c - v_u) when g != 1; differentiable outside no_grad."""
         g = self.guidance if guidance is None else float(guidance)
         B = x.shape[0]
         tt = torch.as_tensor(t, dtype=self.dtype, device=x.device).expand(B) * 1000.0   # diffusers timestep
@@ -536,7 +537,7 @@ if __name__ == "__main__":                                    # python sampler.p
     ap = argparse.ArgumentParser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
     ap.add_argument("ckpt"); ap.add_argument("--prompt", action="append", required=True)
     ap.add_argument("--n", type=int, default=8); ap.add_argument("--out", default="runs/sampler.png")
-    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's own)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance (default: the checkpoint's own)")
     args = ap.parse_args()
     try:
         pol = Policy(args.ckpt)

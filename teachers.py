@@ -229,8 +229,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
             for _ in range(cfg.nft_times):
                 t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98).to(policy.device)
                 eps = torch.randn(x_data.shape, generator=gen).to(policy.device)
-                tb = t.view(-1, 1, 1, 1)
-                x_t = (1 - tb) * x_data + tb * eps                                     # Sec. 2: x_t
+                x_t = S.noised(x_data, eps, t)                                         # Sec. 2: x_t
                 with torch.no_grad():
                     policy.use("old")
                     v_old = policy.velocity(x_t, t, cond, g)

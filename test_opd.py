@@ -1,7 +1,7 @@
 """test_opd.py - the project's tests: the math against float64 oracles, the toy world and its
 rewards, the policy on a tiny offline SD3 pipeline, the derivation notebook, Stage 1, Stage 2.
 
-    python -m pytest test_opd.py -q          # 152 tests, ~1.5-2.5 min on 2 CPU cores, nothing downloaded
+    python -m pytest test_opd.py -q          # 153 tests, ~1.5-2.5 min on 2 CPU cores, nothing downloaded
 
 Sections: 1. sampler math (oracles: diffusers' scheduler, Eq. 5-7 / 11-12 written out,
 torch.distributions)  2. the policy on a tiny random StableDiffusion3Pipeline + LoRA adapters +
@@ -113,6 +113,18 @@ def _eq5_7(t, t_next, a):
     cv = 1 + sigma ** 2 * (1 - t) / (2 * t)                             # Eq. 7, v-coefficient
     std = sigma * math.sqrt(-dt)                                        # Eq. 6
     return sigma, cx, cv, std
+
+
+def test_noised_is_the_forward_interpolation():
+    """Sec. 2: x_t = (1 - t) x_data + t eps: data at t = 0, noise at t = 1, d x_t / dt = eps - x_data = v."""
+    g = torch.Generator().manual_seed(3)
+    xd, eps = torch.randn(3, 2, 4, 4, generator=g, dtype=F64), torch.randn(3, 2, 4, 4, generator=g, dtype=F64)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    xt = sampler.noised(xd, eps, t)
+    assert torch.equal(xt[0], xd[0]) and torch.equal(xt[2], eps[2])
+    torch.testing.assert_close(xt[1], 0.7 * xd[1] + 0.3 * eps[1], rtol=0, atol=1e-15)
+    d = (sampler.noised(xd, eps, t + 1e-6) - sampler.noised(xd, eps, t - 1e-6)) / 2e-6
+    torch.testing.assert_close(d, eps - xd, rtol=0, atol=1e-8)
 
 
 def test_kernel_matches_eq5_7_random():

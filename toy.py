@@ -490,7 +490,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         # (v2): ragged shapes, GenEval 0.14 - in pixel space layout (t ~ 1) and edges (t ~ 0) matter.
         t = torch.where(torch.rand(cfg.batch, generator=gen) < 0.5, torch.rand(cfg.batch, generator=gen),
                         torch.sigmoid(torch.randn(cfg.batch, generator=gen)))
-        x_t = (1 - t[:, None, None, None]) * x_data + t[:, None, None, None] * eps   # Sec. 2: x_t
+        x_t = S.noised(x_data, eps, t)                         # Sec. 2: x_t
         ids = tok(ps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
         enc = te(input_ids=ids)
         v = tr(hidden_states=x_t, encoder_hidden_states=enc.last_hidden_state, pooled_projections=enc.text_embeds,
