@@ -1028,10 +1028,11 @@ def test_nft_loss_hand_computed():
     assert abs(got.item() - 2.1) < 1e-12
 
 
-@pytest.mark.parametrize("algo", ["grpo-guard", "flow-grpo", "nft"])
-def test_teacher_smoke(tiny_base, tmp_path, algo):
+@pytest.mark.parametrize("algo,fraction", [("grpo-guard", 1.0), ("grpo-guard", 0.5), ("flow-grpo", 1.0), ("nft", 1.0)])
+def test_teacher_smoke(tiny_base, tmp_path, algo, fraction):
     cfg = T.TeacherConfig(task="ocr", algo=algo, base=str(tiny_base), out=str(tmp_path / "run"), iters=2,
-                          prompts=2, group=2, steps=3, eval_every=1, eval_small=2, eval_n=2, rank=4, alpha=8)
+                          prompts=2, group=2, steps=3, eval_every=1, eval_small=2, eval_n=2, rank=4, alpha=8,
+                          train_fraction=fraction)
     ck = T.train(cfg)
     meta = S.read_meta(ck)
     assert meta["role"] == "teacher" and meta["task"] == "ocr" and meta["trained"]["algorithm"] == algo
@@ -1132,6 +1133,47 @@ def test_distill_kl_decreases(tiny_teachers, tmp_path):
     first, last = total[0], float(np.mean(total[-3:]))
     per = {t: (round(log[0][f"kl_{t}"], 6), round(float(np.mean([r[f"kl_{t}"] for r in log[-3:]])), 6)) for t in R.TASKS}
     assert last < 0.8 * first, f"summed KL {first:.4g} -> {last:.4g}, expected < 0.8x; per task {per}"
+
+
+def _round_gradients(teachers, out, balance, monkeypatch):
+    """Run one distill round; return each task's own gradient and summed KL (spied on
+    distill_task), the combined gradient that reaches clipping, and the trained steps."""
+    per_task, final = [], []
+    real, real_clip = D.distill_task, torch.nn.utils.clip_grad_norm_
+
+    def spy(policy, *a, **k):
+        kl = real(policy, *a, **k)                          # leaves THIS task's gradient in .grad
+        per_task.append(([p.grad.clone() for p in policy.adapter_params("student").values()], kl))
+        return kl
+
+    def clip_spy(params, *a, **k):
+        params = list(params)
+        final.append([p.grad.clone() for p in params])
+        return real_clip(params, *a, **k)
+    monkeypatch.setattr(D, "distill_task", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
+    D.run(_dcfg(out, teachers, rounds=1, eval_every=0, eval_n=2, balance=balance))
+    monkeypatch.undo()
+    assert len(per_task) == len(R.TASKS) and len(final) == 1
+    return per_task, final[0], json.loads((out / "config.json").read_text())["trained_steps"]
+
+
+def test_distill_round_gradient_balances_tasks(tiny_teachers, tmp_path, monkeypatch):
+    """The round's gradient (what reaches clipping and AdamW) is the task mean of grad KL_m with
+    --no-balance (the paper), and of grad KL_m / KL_m = grad log KL_m with --balance (the
+    default, deviation 5), KL_m being the task's detached per-step KL of that round."""
+    combined = {}
+    for balance in (False, True):
+        per_task, final, n_train = _round_gradients(tiny_teachers, tmp_path / f"b-{balance}", balance, monkeypatch)
+        kls = [kl / n_train for _, kl in per_task]
+        w = [1 / (len(kls) * (k if balance else 1.0)) for k in kls]
+        for i, got in enumerate(final):
+            want = sum(wm * g[i] for wm, (g, _) in zip(w, per_task))
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * float(want.abs().max()) + 1e-30)
+        combined[balance] = torch.cat([g.flatten() for g in final])
+    assert max(kls) > 1.5 * min(kls), f"task KLs {kls} too alike for the test to tell the two rules apart"
+    cos = float(torch.nn.functional.cosine_similarity(combined[False], combined[True], dim=0))
+    assert cos < 0.999, f"balanced and plain round gradients point the same way (cos {cos:.5f})"
 
 
 def test_distill_resume_equals_uninterrupted(tiny_teachers, tmp_path, monkeypatch):
