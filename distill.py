@@ -106,11 +106,14 @@ def load_teachers(paths: list[str]) -> tuple[str, dict[str, str]]:
 
 def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, cond: dict,
                  x: torch.Tensor, grid: torch.Tensor, a: float, n_train: int, scale: float,
-                 gen: torch.Generator) -> float:
+                 gen: torch.Generator, n_global: int | None = None, local: slice = slice(None)) -> float:
     """One task's share of a round, FUSED: roll the student down the grid; at each trained
     step j take its gradient-carrying mean, the teacher's mean at the same x_j, the closed-form
     KL (Eq. 11/12), and backward at once (so memory holds one step). The next state comes from
-    the student's own (detached) mean: the rollout is on-policy. Returns the summed KL."""
+    the student's own (detached) mean: the rollout is on-policy. Returns the summed KL.
+    With several processes, x holds rows `local` of a global batch of n_global; the SDE noise
+    is drawn for the whole batch and sliced the same way, so any process count gives the
+    single-process rollout."""
     total = 0.0
     for j in range(n_train):
         t, t_next = float(grid[j]), float(grid[j + 1])
@@ -127,7 +130,7 @@ def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: fl
         (kl * scale).backward()
         total += float(kl.detach())
         # ---- next state from the student's own kernel: x_{j+1} = mu_S + sbar eps ----
-        noise = torch.randn(x.shape, generator=gen).to(x) if std > 0 else 0.0
+        noise = torch.randn((n_global or len(x), *x.shape[1:]), generator=gen)[local].to(x) if std > 0 else 0.0
         x = (mean_s.detach() + std * noise)
     policy.use("student")
     return total
@@ -226,7 +229,8 @@ def run(cfg: DistillConfig) -> dict:
             cond = policy.encode(ps[local])
             # ---- 2-4. fused rollout + teacher means + closed-form KL + backward ----
             kl = distill_task(policy, task, g_teacher[task], g_student, cond, x, grid, cfg.noise_level,
-                              n_train, 1.0 / n_train, torch.Generator().manual_seed(int(rng.integers(2**31))))
+                              n_train, 1.0 / n_train, torch.Generator().manual_seed(int(rng.integers(2**31))),
+                              n_global=cfg.prompts, local=local)
             kl = torch.tensor(kl / n_train, dtype=torch.float64)                # this task's per-step KL
             if world > 1:                                              # the global batch's KL
                 torch.distributed.all_reduce(kl)

@@ -1197,14 +1197,16 @@ def test_distill_resume_equals_uninterrupted(tiny_teachers, tmp_path, monkeypatc
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "resumed student differs"
 
 
-def test_distill_two_processes_match_one(tiny_teachers, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) equals one process with the same global batch."""
+@pytest.mark.parametrize("a", [0.0, 0.7])
+def test_distill_two_processes_match_one(tiny_teachers, tmp_path, a):
+    """torchrun --nproc_per_node 2 (gloo) equals one process with the same global batch, for
+    ODE rollouts and for SDE rollouts (whose noise is drawn globally and sliced per process)."""
     args = ["--teachers", *tiny_teachers, "--rounds", "2", "--prompts", "4", "--steps", "3", "--eval-every", "0",
-            "--eval-n", "2", "--rank", "4", "--alpha", "8"]
+            "--eval-n", "2", "--rank", "4", "--alpha", "8", "--noise-level", str(a)]
     one = _cli("distill.py", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "distill.py", *args,
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29517 + int(10 * a)), "distill.py", *args,
                           "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
