@@ -194,12 +194,12 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
             rng.shuffle(idx)
             # ---- 3. PPO-clip over every step j, `minibatches` optimizer steps ----
             clipped, n_terms = 0.0, 0
+            n_train = max(1, round(cfg.train_fraction * cfg.steps))            # Flow-GRPO's timestep_fraction
             for mb in np.array_split(idx, cfg.minibatches) if len(idx) else []:
                 mbt = torch.as_tensor(mb)
                 sub = {k: v[mbt] for k, v in cond.items()}
                 a_t = torch.as_tensor(adv[mb], dtype=torch.float32).to(policy.device)
                 opt.zero_grad(set_to_none=True)
-                n_train = max(1, round(cfg.train_fraction * cfg.steps))        # Flow-GRPO's timestep_fraction
                 for j in sorted(rng.choice(cfg.steps, n_train, replace=False)):
                     t, t_next = float(grid[j]), float(grid[j + 1])
                     x_j, x_next = ro["states"][j][mbt], ro["states"][j + 1][mbt]

@@ -1,7 +1,7 @@
 """test_opd.py - the project's tests: the math against float64 oracles, the toy world and its
 rewards, the policy on a tiny offline SD3 pipeline, the derivation notebook, Stage 1, Stage 2.
 
-    python -m pytest test_opd.py -q          # 154 tests, ~1.5-2.5 min on 2 CPU cores, nothing downloaded
+    python -m pytest test_opd.py -q          # 157 tests, ~2-3 min on 2 CPU cores, nothing downloaded
 
 Sections: 1. sampler math (oracles: diffusers' scheduler, Eq. 5-7 / 11-12 written out,
 torch.distributions)  2. the policy on a tiny random StableDiffusion3Pipeline + LoRA adapters +
