@@ -192,7 +192,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
             rec |= {"reward": float(r.mean()), "kept": float(keep.mean())}
             idx = np.flatnonzero(keep)
             rng.shuffle(idx)
-            # ---- 3. PPO-clip over every step j, `minibatches` optimizer steps ----
+            # ---- 3. PPO-clip over the steps j (all, or a random train_fraction per minibatch), `minibatches` optimizer steps ----
             clipped, n_terms = 0.0, 0
             n_train = max(1, round(cfg.train_fraction * cfg.steps))            # Flow-GRPO's timestep_fraction
             for mb in np.array_split(idx, cfg.minibatches) if len(idx) else []:
