@@ -9,46 +9,54 @@ that ties each task to its prompts (toy.py) and its scorer:
     reward(images_NHWC_uint8, prompts, strict=True) -> float numpy (N,)
 
   * geneval  - a programmatic detector (hue segmentation, connected components, shape
-               by pixel moments, box centres) applying GenEval's per-prompt rules:
-               presence, exact counts, colours, relative position. strict=True is
-               GenEval's all-or-nothing 0/1 (evaluation); strict=False is the fraction
-               of satisfied sub-conditions (a denser RL signal).
+               by pixel moments, box centres) applying GenEval's per-prompt rules to the
+               top-k detections of each class: presence, exact counts, colours, relative
+               position (geneval_checks). strict=True is GenEval's all-or-nothing 0/1
+               (evaluation); strict=False is the fraction of satisfied rules (RL's denser signal).
   * ocr      - PaddleOCR's PP-OCR recognizer (rapidocr-onnxruntime, offline) with the
                paper's score: 1 if the target is a substring of what is read, else
                1 - min(Levenshtein, len(target)) / len(target)                  (Sec. 9)
   * aesthetic- a deterministic 0-10 score standing in for the LAION predictor (see
                aesthetic_reward's docstring for the formula and its anchors).
 
-Measured on this machine (2 CPU cores; images of the 64-70 held-out prompts, one
-render each; see _t_world.py): ground truth scores geneval 1.00, ocr 1.00; noise and
-blank images 0.00 on both. Aesthetic: ground truth 4.9 on average, the hand-made ideal
-8.9, noise 0.5, blank 0. Cost: geneval ~0.4 ms, ocr ~4 ms (batched), aesthetic ~0.15 ms an image.
+Below them, the evaluation protocol (README, "Evaluation"): evaluate / evaluate_checkpoint,
+the score cache keyed by cache_key (protocol + weights_hash + reward_version), the results
+JSON with the paper's Average, and the CLI that prints both tables:
 
-Run: `python -c "import rewards; print(rewards.ground_truth_check())"` (~2 s) prints
-the scorers' means on ground truth, noise and blank images.
+    python rewards.py base ckpts/*                         # both tables, paired to the first folder
+    python rewards.py base ckpts/* --export-scores         # also store them in the folders' scores.json
+
+Measured on 2 CPU cores (images of the 64-70 held-out prompts, one render each;
+`ground_truth_check()`, ~2 s): ground truth scores geneval 1.00, ocr 1.00; noise and blank
+images 0.00 on both. Aesthetic: ground truth 4.94 on average, the hand-made ideal 8.88, noise
+0.48, blank 0. Cost: geneval ~0.4 ms, ocr ~4 ms (batched), aesthetic ~0.15 ms an image.
 
 Deliberate deviations from the paper:
   1. GenEval's detector is Mask2Former + a CLIP colour classifier; here a hand-written
-     detector on a synthetic world (hue classes, components, moments). Objects
-     carry no confidence, so where GenEval takes "the top-k detections" we take the
-     k largest components.
-  2. Our colour prompts also name colours in counting and position prompts (GenEval's
-     do not); a counting prompt requires exactly n objects of the shape, all of the
-     colour.
+     detector on a synthetic world (hue classes, components, moments). Objects carry no
+     confidence, so where GenEval ranks a class's detections by confidence and judges the
+     top k, we rank them by area (largest first) and judge the k largest.
+  2. Our colour prompts also name colours in counting and position prompts (GenEval's do
+     not): the top n (counting) or top 1 (position) of the shape must have the colour. Two
+     objects may share a shape ("a red square and a blue square"); the top 2 of that shape
+     are judged, each object being the one in its colour (GenEval never pairs a class with
+     itself).
   3. OCR reads the whole image as one text line (no text detection, x4 upscale): 50x
      faster, and within 0.04 of detection + recognition on a toy model's samples
-     (design.md, "Facts measured"). Images larger
-     than 64 px go through the full detector pipeline. Recognised text is NFKC
+     (measured). Images larger than 64 px go through the full detector pipeline. Recognised text is NFKC
      normalised (PP-OCR sometimes returns full-width letters), then lower-cased with
      spaces removed as in Sec. 9.
   4. The aesthetic score is a fixed formula, not a learned predictor; it is prompt
      independent (as the LAION predictor is).
 """
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
 import sys
+import types
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +65,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+import sampler as S
 import toy
 
 # ---------------------------------------------------------------------------------
@@ -159,30 +168,46 @@ def relations(a, b):
 def geneval_checks(spec, objects):
     """GenEval's rules for one prompt -> list of booleans (all True = correct).
 
-    single / colors : the shape is present; one of them has the colour
-    counting        : the shape is present; exactly n of the shape; exactly n of the
-                      shape in the colour (GenEval: include n, exclude n + 1)
-    two_object      : for each object, the shape is present and one has the colour
-    position        : as two_object, plus the relation between the largest match of
-                      each (GenEval compares its top-confidence detections)
+    As GenEval's evaluate_images does: the detections of each requested class (shape) are
+    ranked - by confidence there, by area here (deviation 1) - and only the top k are judged,
+    k = how many objects of that class the prompt asks for. Colour and position are judged on
+    THOSE detections, whatever their colour: a correct smaller object does not rescue a wrong
+    larger one.
+      include  : at least k detections of the shape                  (presence, count)
+      colour   : the top k carry the requested colour(s)
+      exclude  : counting prompts also fail with n + 1 of the shape   (so exactly n)
+      position : object A's detection stands in the relation to B's   (relations())
+    A two-object prompt whose objects share a shape ("a red square and a blue square"; GenEval
+    never pairs a class with itself) takes the top 2 of that shape, and each object is the one
+    of them in its colour (deviation 2).
     """
-    def find(o, by_color=True):
-        return [d for d in objects if d["shape"] == o["shape"]
-                and (not by_color or o["color"] is None or d["color"] == o["color"])]
-    conds = []
+    by_shape = {}
+    for d in objects:                                        # detect() lists largest first
+        by_shape.setdefault(d["shape"], []).append(d)
+    objs, conds = spec["objects"], []
     if spec["category"] in ("single", "colors", "counting"):
-        o = spec["objects"][0]
-        conds.append(len(find(o, False)) >= 1)
+        o = objs[0]
+        found = by_shape.get(o["shape"], [])
+        top = found[:o["count"]]
+        conds.append(len(top) == o["count"])                                  # include
+        if o["color"] is not None:
+            conds.append(len(top) == o["count"] and all(d["color"] == o["color"] for d in top))
         if spec["category"] == "counting":
-            conds += [len(find(o, False)) == o["count"], len(find(o)) == o["count"]]
-        elif o["color"] is not None:
-            conds.append(len(find(o)) >= 1)
-    else:
-        for o in spec["objects"]:
-            conds += [len(find(o, False)) >= 1, len(find(o)) >= 1]
-        if spec["relation"] is not None:
-            a, b = find(spec["objects"][0]), find(spec["objects"][1])
-            conds.append(bool(a and b) and spec["relation"] in relations(a[0], b[0]))
+            conds.append(len(found) < o["count"] + 1)                         # exclude n + 1
+        return conds
+    picked = []                                              # the detection judged as each object
+    for o in objs:
+        k = sum(q["shape"] == o["shape"] for q in objs)
+        top = by_shape.get(o["shape"], [])[:k]
+        conds.append(len(top) == k)                                           # include
+        free = [d for d in top if not any(d is p for p in picked)]
+        mine = [d for d in free if o["color"] is None or d["color"] == o["color"]]
+        picked.append(mine[0] if mine else None)
+        if o["color"] is not None:
+            conds.append(bool(mine))                                          # colour of the top k
+    if spec["relation"] is not None:
+        a, b = picked
+        conds.append(a is not None and b is not None and spec["relation"] in relations(a, b))
     return conds
 
 
@@ -200,18 +225,17 @@ def geneval_reward(images, prompts, strict=True):
 # ---------------------------------------------------------------------------------
 # ocr: PP-OCR recognition + the paper's edit-distance score (Sec. 9)
 # ---------------------------------------------------------------------------------
-_OCR = {}              # the engine, built once on first use (loading takes ~0.3 s)
 OCR_UPSCALE = 4        # 32 px -> 128 px: PP-OCR's recognizer expects text ~48 px tall
 OCR_BATCH = 64
 
 
+@functools.lru_cache(maxsize=1)
 def _ocr_engine():
-    if "engine" not in _OCR:
-        from rapidocr_onnxruntime import RapidOCR   # lazy: importing it costs ~1 s
-        # rec_img_shape width 64 (default 320): our square inputs are resized to 48 px
-        # high, so 64 px of width is enough and the recognizer runs ~5x faster
-        _OCR["engine"] = RapidOCR(rec_batch_num=OCR_BATCH, rec_img_shape=[3, 48, 64])
-    return _OCR["engine"]
+    """The PP-OCR engine, built once on first use (loading takes ~0.3 s)."""
+    from rapidocr_onnxruntime import RapidOCR   # lazy: importing it costs ~1 s
+    # rec_img_shape width 64 (default 320): our square inputs are resized to 48 px
+    # high, so 64 px of width is enough and the recognizer runs ~5x faster
+    return RapidOCR(rec_batch_num=OCR_BATCH, rec_img_shape=[3, 48, 64])
 
 
 def ocr_read(images):
@@ -356,15 +380,16 @@ class Task:
     reward: Callable        # reward(images_NHWC_uint8, prompts, strict=True) -> (N,) float
     metric: str             # column name in the results table
     scale: str              # the metric's range, for printing
+    teacher_cfg: float      # CFG of a published SD3 teacher without opd.json (paper Sec. 4)
 
 
 TASKS = {
     "geneval": Task("geneval", toy.prompts("geneval", "train"), toy.prompts("geneval", "test"),
-                    geneval_reward, "GenEval", "0-1"),
+                    geneval_reward, "GenEval", "0-1", 1.0),                       # CFG-free NFT
     "ocr": Task("ocr", toy.prompts("ocr", "train"), toy.prompts("ocr", "test"),
-                ocr_reward, "OCR", "0-1"),
+                ocr_reward, "OCR", "0-1", 4.5),
     "aesthetic": Task("aesthetic", toy.prompts("aesthetic", "train"), toy.prompts("aesthetic", "test"),
-                      aesthetic_reward, "Aesthetic", "0-10"),
+                      aesthetic_reward, "Aesthetic", "0-10", 4.5),
 }
 
 
@@ -390,77 +415,207 @@ def ground_truth_check(seed=0):
     return out
 
 
-# ---- evaluation of policies: evaluate(policy, task, n), the results table, CLI (added by lead) ----
-# Per task: n images from the held-out prompts in a fixed order (prompt i = test[i % len],
-# so a short list repeats with fresh noise), image i starts from the noise of seed
-# EVAL_SEED + i in EVERY checkpoint (paired comparisons), 40-step first-order ODE, each
-# checkpoint's own CFG from its metadata, strict (0/1) GenEval. Per-image scores are cached
-# in scores.json next to the checkpoint under a hash of the protocol and of the weights.
+# ---------------------------------------------------------------------------------
+# evaluation: the protocol, the score cache, the results tables (README, "Evaluation")
+# ---------------------------------------------------------------------------------
+# Per task, n images: prompt i = split[i % len] (a short list repeats with fresh noise), image i
+# starts from the noise of seed EVAL_SEED + i in EVERY checkpoint (paired comparisons), 40-step
+# first-order ODE, each checkpoint's own CFG and its base's shift, strict (0/1) GenEval.
+# Two tables: the primary one on the `train` prompts - the prompts RL and distillation use: the
+# toy is a closed world, like an RL environment, and at 3M parameters what RL learns on its
+# prompts does not transfer to others (README, "Evaluation") - and a held-out one on `test`.
 EVAL_SEED = 10_000
 EVAL_STEPS = 40
+SPLITS = ("train", "test")  # primary table, held-out table
+HELDOUT_N = 64              # images per task in the held-out table (primary: 256)
+REWARD_PACKAGES = ("numpy", "opencv-python", "rapidocr-onnxruntime", "onnxruntime", "pillow")
 
 
-def protocol(task: str, n: int, guidance: float, shift: float = 1.0, resolution: int = toy.RES) -> dict:
-    test = TASKS[task].test
-    if not test:
-        raise ValueError(f"task {task!r} has an empty held-out prompt set")
-    ps = [test[i % len(test)] for i in range(n)]
-    return {"task": task, "n": n, "prompts_sha": hashlib.sha256("\n".join(ps).encode()).hexdigest()[:16],
-            "seed": EVAL_SEED, "steps": EVAL_STEPS, "shift": shift, "resolution": resolution,
-            "cfg": float(guidance), "strict": True}
+def eval_prompts(task: str, split: str, n: int) -> list[str]:
+    """The protocol's n prompts: prompt i = split[i % len(split)], so a short list repeats
+    with fresh noise (image i always starts from seed EVAL_SEED + i)."""
+    ps = TASKS[task].train if split == "train" else TASKS[task].test
+    if not ps:
+        raise ValueError(f"task {task!r} has an empty {split} prompt set")
+    return [ps[i % len(ps)] for i in range(n)]
 
 
-def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, batch: int = 64) -> np.ndarray:
-    """Per-image scores of the policy's ACTIVE adapter on n held-out prompts of `task`."""
+def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, batch: int = 64,
+             split: str = "train") -> np.ndarray:
+    """Per-image scores of the policy's ACTIVE adapter on n prompts of `task`'s `split`."""
     from tqdm import tqdm
-    import sampler as S
     g = policy.guidance if guidance is None else guidance
-    test = TASKS[task].test
-    ps = [test[i % len(test)] for i in range(n)]
+    ps = eval_prompts(task, split, n)
     out = []
-    for i in tqdm(range(0, n, batch), desc=f"eval {task}", leave=False, disable=n <= batch):
+    for i in tqdm(range(0, n, batch), desc=f"eval {task} ({split})", leave=False, disable=n <= batch):
         imgs = S.sample(policy, ps[i:i + batch], [EVAL_SEED + k for k in range(i, min(i + batch, n))],
-                        EVAL_STEPS, policy.base_meta.get("shift", 1.0), g, batch)
+                        EVAL_STEPS, policy.shift, g, batch)
         out.append(TASKS[task].reward(imgs, ps[i:i + batch], strict=True))
     return np.concatenate(out).astype(np.float64)
 
 
-def _weights_hash(path: Path) -> str:
-    import sampler as S
-    f = path / "adapter_model.safetensors"
-    if f.is_file():
-        return hashlib.sha256(f.read_bytes()).hexdigest()[:16] + ":" + str(S.read_meta(path).get("base", {}).get("hash"))
-    return S.content_hash(path)
+def _stable(v) -> str:
+    """A repr that is the same in every process (no object addresses)."""
+    if isinstance(v, np.ndarray):
+        return f"ndarray{v.shape}{v.dtype}:" + hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{_stable(k)}:{_stable(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_stable(x) for x in v) + "]"
+    if isinstance(v, (set, frozenset)):
+        return "{" + ",".join(sorted(_stable(x) for x in v)) + "}"
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return repr(v)
+    return type(v).__name__
 
 
-def evaluate_checkpoint(path: str, n: int = 256, tasks=toy.TASK_NAMES, policy=None) -> dict[str, np.ndarray]:
-    """Per-image scores of a checkpoint on each task, from its scores.json cache when the
-    protocol key matches, else computed (and cached when the folder is writable)."""
-    import sampler as S
+def _reads(fn, seen: set, out: list) -> None:
+    """Append the source of fn, of every function of this project it calls (recursively), and
+    the current value of every module-level constant they read (ours or toy.py's)."""
+    fn = getattr(fn, "__wrapped__", fn)                        # functools.lru_cache
+    if not isinstance(fn, types.FunctionType) or fn in seen:
+        return
+    seen.add(fn)
+    out.append(inspect.getsource(fn))
+    codes, names = [fn.__code__], set()
+    while codes:                                              # nested code: lambdas, comprehensions
+        c = codes.pop()
+        names |= set(c.co_names)
+        codes += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    ours = ("rewards", "toy", "sampler", "__main__")
+    scopes = [fn.__globals__] + [vars(m) for m in fn.__globals__.values()
+                                 if isinstance(m, types.ModuleType) and m.__name__ in ours]
+    for name in sorted(names):
+        for scope in scopes:
+            if name not in scope or isinstance(scope[name], (types.ModuleType, type)):
+                continue
+            v = scope[name]
+            if callable(v):
+                if getattr(v, "__module__", None) in ours:
+                    _reads(v, seen, out)
+            else:
+                out.append(f"{name}={_stable(v)}")
+
+
+def reward_version(task: str) -> str:
+    """A version of a task's reward code: a hash of the scoring function's source, of every helper
+    it calls, of the values of the constants they read, and of the reward packages' versions.
+    Any edit to any of them - a patched threshold too - is a new version (a cache miss)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out: list[str] = []
+    _reads(TASKS[task].reward, set(), out)
+    for p in REWARD_PACKAGES:
+        try:
+            out.append(f"{p}=={version(p)}")
+        except PackageNotFoundError:
+            out.append(f"{p} missing")
+    return hashlib.sha256("\n".join(out).encode()).hexdigest()[:16]
+
+
+_HASHES: dict = {}
+
+
+def weights_hash(path: str | Path) -> str:
+    """The weights every component of a checkpoint uses: its adapter files (teacher / student)
+    and every file of its base's model folders (transformer, text encoder(s), tokenizer(s), VAE);
+    a hub id by name. Memoised on the files' sizes and modification times."""
     path = Path(path)
-    cache_file = path / "scores.json"
+    meta = S.read_meta(path) if path.is_dir() else {}
+    if (path / "adapter_config.json").is_file():               # teacher / student, opd.json or not
+        files = [path / "adapter_config.json", path / "adapter_model.safetensors"]
+        extra = weights_hash(S.resolve_base(path, meta)) if meta.get("base") else ""
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.parent != path
+                       or f.name == "model_index.json")
+        extra = ""
+    else:
+        return f"hub:{path}"
+    stamp = (str(path.resolve()), extra, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _HASHES:
+        h = hashlib.sha256(extra.encode())
+        for f in files:
+            h.update(str(f.relative_to(path)).encode())
+            with open(f, "rb") as fh:
+                hashlib.file_digest(fh, lambda: h)
+        _HASHES[stamp] = h.hexdigest()[:16]
+    return _HASHES[stamp]
+
+
+def protocol(task: str, split: str, n: int, cfg: float, shift: float, resolution) -> dict:
+    """Everything that changes a score of one (task, split) evaluation, except the weights."""
+    ps = eval_prompts(task, split, n)
+    return {"task": task, "split": split, "n": n, "prompts_sha": hashlib.sha256("\n".join(ps).encode()).hexdigest()[:16],
+            "seed": EVAL_SEED, "steps": EVAL_STEPS, "shift": float(shift), "resolution": resolution,
+            "cfg": float(cfg), "strict": True, "reward_version": reward_version(task)}
+
+
+def cache_key(proto: dict, weights: str) -> str:
+    return hashlib.sha256(json.dumps([proto, weights], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_files(path: Path) -> tuple[Path, Path]:
+    """(where cached scores are read first, where misses are written). A shipped checkpoint
+    (base/, ckpts/) is never written by an evaluation: its misses go to runs/scores/."""
+    own = path / "scores.json"
+    if not S.shipped(path):
+        return own, own
+    return own, S.REPO / "runs" / "scores" / (str(path.resolve().relative_to(S.REPO)).replace(os.sep, "__") + ".json")
+
+
+def _load_json(f: Path) -> dict:
     try:
-        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    except json.JSONDecodeError:
-        cache = {}                                             # a damaged cache is only a cache: recompute
-    meta = S.read_meta(path)
-    whash = _weights_hash(path)
-    out, dirty = {}, False
-    for task in tasks:
-        proto = protocol(task, n, float(meta.get("cfg", 1.0)), float(meta.get("shift", 1.0)))
-        key = hashlib.sha256(json.dumps([proto, whash], sort_keys=True).encode()).hexdigest()[:16]
-        if key in cache:
-            out[task] = np.array(cache[key]["scores"])
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}                                              # a damaged cache is only a cache
+
+
+def evaluate_checkpoint(path: str, n: int = 256, heldout_n: int = HELDOUT_N, tasks=toy.TASK_NAMES,
+                        policy=None, export: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image scores {split: {task: (n,)}} of a checkpoint on both tables, from its cache
+    where the key matches, else computed (policy: an already loaded one to use). export=True
+    (rewards.py --export-scores) writes exactly these entries into the checkpoint's own
+    scores.json (and their means into its opd.json), the one way scores enter base/ or ckpts/."""
+    path = Path(path)
+    st = S.settings(path)
+    weights = weights_hash(path)
+    res = _resolution(st["base"])
+    read_f, write_f = _cache_files(path)
+    cache = _load_json(read_f) | _load_json(write_f)
+    out, used, dirty = {}, {}, False
+    for split, k in zip(SPLITS, (n, heldout_n)):
+        if k <= 0:
             continue
-        if policy is None:
-            policy = S.Policy(str(path))
-        out[task] = np.round(evaluate(policy, task, n, float(meta.get("cfg", policy.guidance))), 6)
-        cache[key] = {"protocol": proto, "weights": whash, "mean": float(out[task].mean()),
-                      "scores": [float(s) for s in out[task]]}
-        dirty = True
-    if dirty and os.access(path, os.W_OK):
-        S.write_json_atomic(cache_file, cache)
+        out[split] = {}
+        for task in tasks:
+            proto = protocol(task, split, k, st["cfg"], st["shift"], res)
+            key = cache_key(proto, weights)
+            if key not in cache:
+                if policy is None:
+                    policy = S.Policy(str(path))
+                sc = np.round(evaluate(policy, task, k, st["cfg"], split=split), 6)
+                cache[key] = {"protocol": proto, "weights": weights, "mean": float(sc.mean()),
+                              "scores": [float(x) for x in sc]}
+                dirty = True
+            out[split][task] = np.array(cache[key]["scores"], dtype=np.float64)
+            used[key] = cache[key]
+    if export:                                                 # the scores and opd.json's summary of them
+        S.write_json_atomic(read_f, used)
+        if "train" in out and (path / S.META).is_file():
+            S.write_json_atomic(path / S.META, S.read_meta(path) | {"scores": {
+                t: round(float(v.mean()), 4) for t, v in out["train"].items()} | {"n": n, "prompts": "train"}})
+    elif dirty:
+        try:
+            write_f.parent.mkdir(parents=True, exist_ok=True)
+            S.write_json_atomic(write_f, _load_json(write_f) | {k: v for k, v in cache.items() if k in used})
+        except OSError:
+            pass                                               # a read-only folder: the cache is only a cache
     return out
+
+
+def _resolution(base: str):
+    """The sample size recorded in the base's transformer config (a hub id: its name)."""
+    f = Path(base) / "transformer" / "config.json"
+    return json.loads(f.read_text()).get("sample_size") if f.is_file() else base
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -469,56 +624,114 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def results(rows: list[dict], proto: dict) -> dict:
-    """The results JSON: rows of {name, path, scores} plus the paper's Average: the mean over
-    the metric columns of (score - column min) / (column max - column min) over THESE rows;
-    a column whose rows are all equal contributes 0."""
-    cols = [t for t in toy.TASK_NAMES if all(t in r["scores"] for r in rows)]
-    for r in rows:
-        norm = []
-        for c in cols:
-            vals = [q["scores"][c] for q in rows]
-            lo, hi = min(vals), max(vals)
-            norm.append(0.0 if hi == lo else (r["scores"][c] - lo) / (hi - lo))
-        r["average"] = float(np.mean(norm)) if norm else 0.0
+def results(rows: list[dict], proto: dict, per_image: dict | None = None) -> dict:
+    """The results JSON. rows: {name, path, scores: {task: mean}, heldout: {task: mean}}; the
+    paper's Average per table: the mean over the metric columns of (score - column min) /
+    (column max - column min) over THESE rows; a column whose rows are all equal contributes 0.
+    per_image {name: {split: {task: (n,)}}}: each row also gets its paired difference to the
+    first row (the base) with its standard error, per task and table."""
+    for table, split in (("scores", "train"), ("heldout", "test")):
+        have = [r for r in rows if r.get(table)]
+        cols = [t for t in toy.TASK_NAMES if have and all(t in r[table] for r in have)]
+        for r in have:
+            norm = []
+            for c in cols:
+                vals = [q[table][c] for q in have]
+                lo, hi = min(vals), max(vals)
+                norm.append(0.0 if hi == lo else (r[table][c] - lo) / (hi - lo))
+            r["average" if table == "scores" else "average_heldout"] = float(np.mean(norm)) if norm else 0.0
+            if per_image and r is not rows[0] and split in per_image.get(r["name"], {}):
+                ref, mine = per_image[rows[0]["name"]][split], per_image[r["name"]][split]
+                r["vs_base" if table == "scores" else "vs_base_heldout"] = {
+                    c: list(paired(mine[c], ref[c])) for c in cols if c in ref}
     return {"protocol": proto, "rows": rows}
 
 
-def render_table(res: dict) -> str:
-    cols = [t for t in toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
+def render_table(res: dict, table: str = "scores") -> str:
+    """A results JSON's table ("scores": primary, "heldout"): each cell is the mean and, when the
+    JSON has them, the paired difference to the first row (the base) +- its standard error."""
+    rows = [r for r in res["rows"] if r.get(table)]
+    cols = [t for t in toy.TASK_NAMES if rows and all(t in r[table] for r in rows)]
+    vs = "vs_base" if table == "scores" else "vs_base_heldout"
+    avg = "average" if table == "scores" else "average_heldout"
     head = ["Model"] + [TASKS[c].metric for c in cols] + ["Average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in res["rows"]:
-        cells = [r["name"]] + [f"{r['scores'][c]:.3f}" for c in cols] + [f"{r['average']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        cells = [r["name"]]
+        for c in cols:
+            d = r.get(vs, {}).get(c)
+            cells.append(f"{r[table][c]:.3f}" + (f" ({d[0]:+.3f} ± {d[1]:.3f})" if d else ""))
+        lines.append("| " + " | ".join(cells + [f"{r[avg]:.3f}"]) + " |")
     return "\n".join(lines)
+
+
+def render_results(res: dict) -> str:
+    """Both tables with their captions, as the scripts print them and the README shows them."""
+    p = res["protocol"]
+    out = [f"Primary table: the tasks' train prompts (the prompts RL and distillation use), n = {p['n']} per task; "
+           "(paired difference to the base +- SE)", "", render_table(res, "scores")]
+    if any(r.get("heldout") for r in res["rows"]):
+        out += ["", f"Generalisation to unseen prompts: the held-out test prompts, n = {p['heldout_n']} per task",
+                "", render_table(res, "heldout")]
+    return "\n".join(out)
+
+
+def row_name(path: str) -> str:
+    """A results row's name from a checkpoint's metadata: base, teacher <task>, student."""
+    meta = S.read_meta(path) if Path(path).is_dir() else {}
+    name = meta.get("role", "base") + (f" {meta['task']}" if meta.get("task") else "")
+    if meta.get("role") == "student" and not meta.get("trained", {}).get("config", {}).get("balance", True):
+        name += " (--no-balance)"
+    return name
 
 
 def main(argv=None):
     import argparse
-    import sampler as S
-    ap = argparse.ArgumentParser(description="Evaluate checkpoints on every task's held-out prompts "
-                                             "(40-step ODE, own CFG, paired noise) and print the table.")
-    ap.add_argument("ckpts", nargs="+", help="checkpoint folders (base/, ckpts/*, runs/.../checkpoint)")
-    ap.add_argument("--n", type=int, default=256, help="images per task (default 256)")
-    ap.add_argument("--json", default="", help="also write the results JSON here")
+    ap = argparse.ArgumentParser(description="Evaluate checkpoints with the protocol (README, 'Evaluation'): both "
+                                             "tables, paired to the first checkpoint given.")
+    ap.add_argument("ckpts", nargs="+", help="checkpoint folders (base/, ckpts/*, runs/.../checkpoint); the first is "
+                                             "the reference of the paired differences")
+    ap.add_argument("--n", type=_positive, default=256, help="images per task, primary table (default: 256)")
+    ap.add_argument("--heldout-n", type=_nonneg, default=HELDOUT_N,
+                    help=f"images per task, held-out table; 0 skips it (default: {HELDOUT_N})")
+    ap.add_argument("--json", default="", help="also write the results JSON to this file (default: none)")
+    ap.add_argument("--export-scores", action="store_true",
+                    help="write these per-image scores into each checkpoint's own scores.json - the one way "
+                         "scores enter base/ or ckpts/ (default: off; misses of shipped checkpoints go to runs/scores/)")
     args = ap.parse_args(argv)
-    rows = []
+    rows, per = [], {}
     try:
         for c in args.ckpts:
             if not Path(c).is_dir():
                 raise S.CheckpointError(f"{c}: no such checkpoint folder")
-            meta = S.read_meta(c)
-            sc = evaluate_checkpoint(c, args.n)
-            name = meta.get("role", "?") + (f" {meta['task']}" if meta.get("task") else "")
-            rows.append({"name": name, "path": c, "scores": {k: float(v.mean()) for k, v in sc.items()}})
+            name = row_name(c)
+            while name in per:
+                name += "'"
+            per[name] = evaluate_checkpoint(c, args.n, args.heldout_n, export=args.export_scores)
+            rows.append({"name": name, "path": c, "scores": {k: float(v.mean()) for k, v in per[name]["train"].items()},
+                         "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
     except S.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    res = results(rows, {"n": args.n, "seed": EVAL_SEED, "steps": EVAL_STEPS, "sampler": "ODE (a = 0)"})
-    print(render_table(res))
+    res = results(rows, {"n": args.n, "heldout_n": args.heldout_n, "seed": EVAL_SEED, "steps": EVAL_STEPS,
+                         "sampler": "ODE (a = 0)"}, per)
+    print(render_results(res))
     if args.json:
         S.write_json_atomic(args.json, res)
+
+
+def _positive(v: str) -> int:
+    import argparse
+    if not v.lstrip("-").isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 1")
+    return int(v)
+
+
+def _nonneg(v: str) -> int:
+    import argparse
+    if not v.lstrip("-").isdigit() or int(v) < 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 0")
+    return int(v)
 
 
 if __name__ == "__main__":
