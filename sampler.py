@@ -45,11 +45,15 @@ Deliberate deviations / choices
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -168,8 +172,10 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None,
                info: dict) -> None:
-    """Resume state as prefix.safetensors (tensors, optimizer moments) + prefix.json (the rest).
-    Never a pickle. The JSON is renamed into place last, so it only names complete state."""
+    """Resume state: tensors and optimizer moments in a safetensors file, the rest in prefix.json.
+    Never a pickle. Two tensor files take turns (prefix-a / prefix-b); the JSON, renamed into
+    place last, names the one that is complete - so a kill at any moment leaves the previous
+    state whole, and a resume never mixes two saves."""
     from safetensors.torch import save_file
     flat = {f"{k}.{i}": t.detach().cpu().contiguous() for k, ts in tensors.items() for i, t in enumerate(ts)}
     groups = None
@@ -180,10 +186,12 @@ def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: 
                 flat[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
         groups = sd["param_groups"]
     prefix = Path(prefix)
-    tmp = prefix.with_name(prefix.name + ".tmp.safetensors")
+    cur = json.loads(prefix.with_suffix(".json").read_text()).get("tensors") if prefix.with_suffix(".json").is_file() else None
+    name = f"{prefix.name}-{'b' if cur == f'{prefix.name}-a.safetensors' else 'a'}.safetensors"
+    tmp = prefix.with_name(name + ".tmp")
     save_file(flat, str(tmp))
-    os.replace(tmp, prefix.with_suffix(".safetensors"))
-    write_json_atomic(prefix.with_suffix(".json"), {**info, "param_groups": groups})
+    os.replace(tmp, prefix.with_name(name))                    # the slot NOT named by the current JSON
+    write_json_atomic(prefix.with_suffix(".json"), {**info, "param_groups": groups, "tensors": name})   # commit
 
 
 def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None) -> dict:
@@ -191,7 +199,7 @@ def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: 
     from safetensors.torch import load_file
     prefix = Path(prefix)
     info = json.loads(prefix.with_suffix(".json").read_text())
-    flat = load_file(str(prefix.with_suffix(".safetensors")))
+    flat = load_file(str(prefix.with_name(info["tensors"])))
     with torch.no_grad():
         for k, ts in tensors.items():
             for i, t in enumerate(ts):
@@ -241,6 +249,10 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> None:
     meta = read_meta(src)
     if not meta:
         raise CheckpointError(f"{src}: no {META}; only finished checkpoints can be exported")
+    r = dst.resolve()
+    if r == REPO or REPO.is_relative_to(r) or (dst.exists() and not read_meta(dst)) or dst.is_file():
+        raise CheckpointError(f"--export {dst}: not a checkpoint folder (no {META}) or the repository itself; "
+                              "export into a new folder or over a checkpoint (base, ckpts/<task>)")
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.tmp"))
@@ -273,6 +285,141 @@ def _check_safetensors(folder: Path) -> None:
         except Exception as e:                                 # corrupt header / truncated file
             raise CheckpointError(f"{folder}: {f.name} is not a readable safetensors file ({e}); "
                                   "re-download or re-export it") from None
+
+
+SD3_CFG = 4.5                                                 # the paper's CFG for SD3.5-M (Sec. 4)
+
+
+def settings(path: str | Path) -> dict:
+    """What a checkpoint samples with, read without loading weights: its base, its CFG (its own
+    opd.json, else its base's, else 4.5 for an SD3 pipeline - the paper's - and 1.0 for others)
+    and its base's shift (the toy base's opd.json; an SD3 pipeline's scheduler config, 3.0 for
+    SD3.5-M). Policy uses the same."""
+    meta = read_meta(path) if Path(path).is_dir() else {}
+    base = resolve_base(path, meta) if meta.get("role") in ("teacher", "student") else str(path)
+    bmeta = read_meta(base) if Path(base).is_dir() else {}
+    sd3 = not bmeta and (not Path(base).exists() or (Path(base) / "model_index.json").is_file())
+    shift = float(bmeta.get("shift", 1.0)) if not sd3 else _scheduler_shift(base)
+    return {"base": base, "cfg": float(meta.get("cfg", bmeta.get("cfg", SD3_CFG if sd3 else 1.0))), "shift": shift,
+            "kind": "sd3" if sd3 else "toy"}
+
+
+def _scheduler_shift(base: str) -> float:
+    """An SD3 pipeline's time shift, from scheduler/scheduler_config.json (a folder, or a hub id's
+    file in the local hub cache)."""
+    f = Path(base) / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(base, "scheduler/scheduler_config.json")
+        if not isinstance(hit, str):
+            raise CheckpointError(f"{base}: its scheduler config is not available offline; download the model "
+                                  "(huggingface-cli download) or pass a local folder")
+        f = Path(hit)
+    try:
+        return float(json.loads(f.read_text()).get("shift", 1.0))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable scheduler config ({e})") from None
+
+
+# ------------------------------------------------------------------------------------
+# run folders and command lines (README, "Run folders"): shared by toy, teachers, distill
+# ------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent
+SHIPPED = ("base", "ckpts")                                    # only an export writes into these
+RESUME_IGNORES = ("out", "fresh", "export", "processes")       # may differ between a run and its resume
+
+
+def shipped(path: str | Path) -> bool:
+    """Is path inside the repository's base/ or ckpts/ (the shipped checkpoints)?"""
+    r = Path(path).resolve()
+    return any(r == REPO / d or r.is_relative_to(REPO / d) for d in SHIPPED)
+
+
+def open_run(out: str | Path, config: dict, fresh: bool, script: str) -> bool:
+    """Create run folder `out` with its config.json, or reopen it; True if it already existed
+    (the caller resumes or reports it). Refuses - CheckpointError, nothing touched - a folder
+    this project did not create as a `script` run (no run config in it, and not empty), the
+    repository or a folder holding it, anything in base/ or ckpts/, and a run folder whose
+    config differs (naming the keys). --fresh deletes only a run folder of this script."""
+    out, r = Path(out), Path(out).resolve()
+    if r == REPO or REPO.is_relative_to(r):
+        raise CheckpointError(f"--out {out}: that is the repository (or holds it); pass a run folder such as runs/{script}")
+    if shipped(r):
+        raise CheckpointError(f"--out {out}: base/ and ckpts/ hold the shipped checkpoints, which only an export "
+                              f"writes; pass a run folder such as runs/{script}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out}: is a file; pass a run folder")
+    config = json.loads(json.dumps(config | {"run": script}))  # as it will read back
+    saved = None
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if not isinstance(saved, dict) or saved.get("run") != script:
+            raise CheckpointError(f"--out {out}: not a {script}.py run folder (no run config in it), so it is left "
+                                  "alone; pass another --out")
+    if saved is not None and fresh:
+        shutil.rmtree(out)
+        saved = None
+    if saved is not None:
+        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORES and saved.get(k) != config.get(k))
+        if diff:
+            raise CheckpointError(f"--out {out}: this run was started with another config ({', '.join(diff)} differ); "
+                                  "repeat its flags to resume, or pass --fresh or another --out")
+        return True
+    tmp = out.with_name(out.name + ".tmp")                     # folder and config appear together
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_json_atomic(tmp / "config.json", config)
+    if out.is_dir():
+        out.rmdir()                                            # an empty folder: nothing to lose
+    os.replace(tmp, out)
+    return False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                                  # one line, exit 2 (README, "Errors")
+        print(f"error: {message}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def config_parser(cls, description: str, skip: tuple = ()) -> argparse.ArgumentParser:
+    """An argparse parser for a config dataclass whose help is each field's own comment, with its
+    default; a comment ending in [>= X], [> X] or [in a|b] is also checked at parse time."""
+    docs = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+?)\s*$", inspect.getsource(cls), re.M))
+    ap = _Parser(description=description)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        doc = docs.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"default": default, "help": doc + ("" if default == [] else f" (default: {default!r})")}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = _checked(type(default), re.search(r"\[(>=|>|in) ([^\]]+)\]$", doc))
+        ap.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return ap
+
+
+def _checked(typ, rule):
+    def parse(v: str):
+        try:
+            x = typ(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a {typ.__name__}") from None
+        if rule and typ is not str and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{v!r} is not finite")
+        op, arg = rule.groups() if rule else (None, None)
+        if (op == ">=" and not x >= float(arg)) or (op == ">" and not x > float(arg)) \
+                or (op == "in" and x not in arg.split("|")):
+            raise argparse.ArgumentTypeError(f"{v!r} is not {op} {arg}")
+        return x
+    parse.__name__ = typ.__name__
+    return parse
 
 
 # ------------------------------------------------------------------------------------
@@ -311,13 +458,13 @@ class Policy:
         self.net = self.transformer                            # becomes a PeftModel once adapters exist
         self.active: str | None = None
         self.adapters: dict[str, dict] = {}                    # name -> metadata
-        self.guidance = float(self.base_meta.get("cfg", 1.0))
-        self.meta = self.base_meta
+        st = settings(adapter or path)                        # the checkpoint's own CFG, its base's shift
+        self.guidance, self.shift, self.meta = st["cfg"], st["shift"], self.base_meta
         if adapter is not None:
             name = meta.get("task") or meta["role"]
             self.add_adapter(name, adapter)
             self.use(name)
-            self.meta, self.guidance = meta, float(meta.get("cfg", self.guidance))   # the checkpoint's own CFG
+            self.meta = meta
 
     # -- loading ------------------------------------------------------------------
     def _load_toy(self, path: Path) -> None:
@@ -530,21 +677,28 @@ def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 
     return np.concatenate(out)
 
 
-if __name__ == "__main__":                                    # python sampler.py CKPT --prompt P [--prompt Q]
-    import argparse
+def main(argv=None):                                          # python sampler.py CKPT --prompt P [--prompt Q]
     import numpy as np
     from PIL import Image
-    ap = argparse.ArgumentParser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
-    ap.add_argument("ckpt"); ap.add_argument("--prompt", action="append", required=True)
-    ap.add_argument("--n", type=int, default=8); ap.add_argument("--out", default="runs/sampler.png")
+    ap = _Parser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
+    ap.add_argument("ckpt", help="a checkpoint folder (base/, ckpts/ocr, runs/distill/checkpoint) or a hub id")
+    ap.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for more rows (required)")
+    ap.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")
+    ap.add_argument("--out", default="runs/sampler.png", help="the PNG to write (default: runs/sampler.png)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance (default: the checkpoint's own)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     try:
         pol = Policy(args.ckpt)
     except CheckpointError as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
-    img = np.concatenate([np.concatenate(list(sample(pol, [p] * args.n, list(range(args.n)), guidance=args.cfg)), 1)
-                          for p in args.prompt], 0)
+    img = np.concatenate([np.concatenate(list(sample(pol, [p] * args.n, list(range(args.n)), shift=pol.shift,
+                                                      guidance=args.cfg)), 1) for p in args.prompt], 0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(args.out)
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp.png")
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(tmp)
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

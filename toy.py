@@ -21,10 +21,11 @@ combinations never seen in training. `parse(prompt)` turns a prompt into the spe
 rewards.py checks.
 
 Run:
-    python toy.py                  # pretrain: 14.6 min on 2 cores, then evaluate (~2 min) -> runs/toy/
+    python toy.py                  # pretrain: 14.6 min on 2 cores -> runs/toy/checkpoint
     python toy.py --export base    # ship the finished run's checkpoint to base/ (documented export)
+    python rewards.py runs/toy/checkpoint      # its scores, both tables (~3 min)
 
-Why it looks the way it does (measured on a 2-core CPU, design.md "Facts measured"):
+Why it looks the way it does (measured on a 2-core CPU with throwaway probes):
   * 32 px: the smallest size at which two glyphs stay legible to PP-OCR.
   * CANONICAL layouts (every object has a fixed slot; only a +-1 px jitter): a ~2M
     parameter model learns fixed layouts in minutes and random layouts not at all.
@@ -388,7 +389,7 @@ def render(prompt: str, rng: np.random.Generator) -> np.ndarray:
 # standard classes in standard folders, so sampler.Policy loads the base without this file.
 # Tokenizer: lower-case runs are word tokens, every other character (glyph, digit, quote) is
 # a token of its own, so a held-out OCR string is still a sequence of known tokens.
-# Chosen (design.md, "Facts measured"): patch 4, width 128, 5 blocks (2.9M parameters), zero-
+# Chosen (measured with throwaway probes on 2 cores): patch 4, width 128, 5 blocks (2.9M parameters), zero-
 # initialised output and adaLN modulation (each block starts as the identity, as in DiT),
 # lr 2e-3 and an EMA of the weights (what gets saved), captions dropped 10% for CFG.
 SPECIALS = ["<pad>", "<bos>", "<unk>", "<eos>"]   # eos id 3: CLIP's pooled output takes the first eos
@@ -434,29 +435,29 @@ def build_base(tokenizer, width: int = 128, layers: int = 5, text_width: int = 1
 
 @dataclasses.dataclass
 class PretrainConfig:
-    out: str = "runs/toy"           # run folder (config, log, resume state, checkpoint/)
-    steps: int = 2800               # optimizer steps (~15 min on 2 cores at batch 64)
-    batch: int = 64                 # images per step
-    lr: float = 2e-3                # AdamW learning rate (constant after a 100-step warm-up)
-    ema: float = 0.998              # EMA decay of the saved weights
-    drop_caption: float = 0.1       # probability of training on the empty prompt (enables CFG)
-    caption_noise: float = 0.45     # probability that a geneval caption is confusable(prompt)
+    out: str = "runs/toy"           # run folder (config, log, resume state, checkpoint/); re-running resumes it
+    steps: int = 2800               # optimizer steps (~15 min on 2 cores at batch 64)  [>= 1]
+    batch: int = 64                 # images per step  [>= 1]
+    lr: float = 2e-3                # AdamW learning rate (constant after a 100-step warm-up)  [> 0]
+    ema: float = 0.998              # EMA decay of the saved weights  [>= 0]
+    drop_caption: float = 0.1       # probability of training on the empty prompt (enables CFG)  [>= 0]
+    caption_noise: float = 0.45     # probability that a geneval caption is confusable(prompt)  [>= 0]
     mix: str = "0.35,0.45,0.2"      # sampling weights of geneval, ocr, aesthetic prompts
-    cfg: float = 3.0                # the base's CFG scale, recorded in its metadata
-    width: int = 128                # transformer width (heads x head_dim)
-    layers: int = 5                 # transformer blocks
+    cfg: float = 3.0                # the base's CFG scale, recorded in its metadata  [>= 0]
+    width: int = 128                # transformer width (heads x head_dim)  [>= 4]
+    layers: int = 5                 # transformer blocks  [>= 1]
     seed: int = 0                   # seeds model init, data and noise
-    save_every: int = 400           # resume state every N steps
+    save_every: int = 400           # resume state every N steps  [>= 1]
+    fresh: bool = False             # delete --out (a toy run folder only) and start over
     export: str = ""                # copy the finished run's checkpoint/ to this folder (e.g. base)
-    eval_n: int = 256               # images per task for the final evaluation (0: skip)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     from tqdm import tqdm
-    out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    if (ckpt / S.META).is_file():
-        print(f"{out} is finished; checkpoint at {ckpt} (delete the folder to start over)")
+    if S.open_run(out, dataclasses.asdict(cfg), cfg.fresh, "toy") and (ckpt / S.META).is_file():
+        print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
         return ckpt
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     all_prompts = {t: prompts(t, "train") for t in TASK_NAMES}
@@ -469,7 +470,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if (out / "state.json").is_file():                         # resume
         start = S.load_state(out / "state", {"params": params, "ema": ema}, opt)["step"]
         print(f"resuming {out} at step {start}")
-    S.write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     mix = np.array([float(w) for w in cfg.mix.split(",")]); mix /= mix.sum()
     print(f"base: {sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M transformer + "
           f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M text encoder params, {cfg.steps} steps x {cfg.batch}")
@@ -519,7 +519,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     S.write_json_atomic(tmp / S.META, {"role": "base", "task": None, "cfg": cfg.cfg, "shift": 1.0,
                                        "trained": {"algorithm": "flow matching pretraining (toy.py)",
                                                    "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                              if k not in ("out", "export")},
+                                                              if k not in ("out", "export", "fresh")},
                                                    "minutes": round((time.time() - t0) / 60, 2)}})
     os.replace(tmp, ckpt)
     print(f"pretrained in {(time.time() - t0) / 60:.1f} min -> {ckpt}")
@@ -527,18 +527,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Pretrain the toy base by flow matching (~15 min on 2 cores).")
-    for f in dataclasses.fields(PretrainConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ap = S.config_parser(PretrainConfig, "Pretrain the toy base by flow matching (~15 min on 2 cores). "
+                                         "Score it with: python rewards.py runs/toy/checkpoint")
     cfg = PretrainConfig(**vars(ap.parse_args(argv)))
     try:
         ckpt = pretrain(cfg)
-        if cfg.eval_n:                                         # scores on every task -> metadata
-            import rewards as R
-            sc = {k: round(float(v.mean()), 4) for k, v in R.evaluate_checkpoint(str(ckpt), cfg.eval_n).items()}
-            S.write_json_atomic(ckpt / S.META, S.read_meta(ckpt) | {"scores": sc | {"n": cfg.eval_n}})
-            print("base scores:", sc)
         if cfg.export:
             S.export_checkpoint(ckpt, cfg.export)
             print(f"exported {ckpt} -> {cfg.export}")
