@@ -53,15 +53,15 @@ def three_pass_task(policy: S.Policy, teacher: str, g_teacher: float, g_student:
     return total
 
 
-def main():
+def main(argv=None):
     from peft import LoraConfig
     import rewards as R
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="base")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--base", default="base", help="the base checkpoint (default: base)")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per task per round (default: 16)")
+    ap.add_argument("--steps", type=int, default=10, help="rollout grid steps (default: 10)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each schedule (default: 3)")
+    args = ap.parse_args(argv)
     pol = S.Policy(args.base)
     cfgl = LoraConfig(r=32, lora_alpha=64, target_modules=S.LORA_TARGETS)
     pol.add_adapter("teacher", config=cfgl)
@@ -69,8 +69,8 @@ def main():
     params = list(pol.adapter_params("student").values())
     for p in params:
         p.requires_grad_(True)
-    grid = S.time_grid(args.steps)
-    n_train = int(0.99 * args.steps)
+    grid = S.time_grid(args.steps, pol.shift)
+    n_train = args.steps                                        # distill.py trains every step
     ps = R.TASKS["ocr"].train[:args.prompts]
     cond = pol.encode(ps)
     x = torch.randn(args.prompts, *pol.latent_shape(), generator=torch.Generator().manual_seed(0))

@@ -7,14 +7,14 @@ covariance (sampler.step_kl): Eq. 12 for the default ODE rollouts (a = 0), Eq. 1
 
     python distill.py --teachers ckpts/*        # the main job: ~8 min on 2 cores -> runs/distill/
     python distill.py                           # the same (every folder in ckpts/ is a teacher)
-    torchrun --nproc_per_node 2 distill.py      # data parallel over processes (gloo on CPU)
+    torchrun --nproc_per_node 2 distill.py      # data parallel: one process per GPU (NCCL), or per CPU process (gloo)
 
 Outputs in --out: config.json, log.jsonl (glossary in README), grid_<task>.png (base vs
 student), curves.png, results.json + the printed table, checkpoint/ (the student), and
 state.* (resume). Re-running the same command resumes an unfinished run; a finished run
 only prints its table (--fresh starts over).
 
-Deliberate deviations from the paper (Sec. 7 of paper.md)
+Deliberate deviations from the paper (its Sec. 4 setup and the released code)
   1. Fused schedule: the student's gradient-carrying prediction is taken DURING its rollout
      (the states do not depend on the prediction's graph, and the weights only change at the
      end of the round), instead of the released rollout -> teacher -> recompute. Same
@@ -22,9 +22,12 @@ Deliberate deviations from the paper (Sec. 7 of paper.md)
   2. Toy sizes: 16 prompts per task per round (paper: 72 over 8 GPUs), lr 2e-3 (3e-4), no
      EMA of the student, fp32. Round-robin task order, one optimizer step per round, grad
      clip 1.0, AdamW betas (0.9, 0.999), wd 1e-4 as the paper.
-  3. Aggregation as the released code: per step the KL is a MEAN over dimensions; steps and
-     tasks are averaged (Eq. 4 sums over steps: a constant factor); the last, near-clean
-     step is skipped (timestep_fraction 0.99 -> 9 of 10 steps).
+  3. Aggregation: per step the KL is a MEAN over dimensions, steps and tasks are averaged (Eq. 4
+     sums over steps: a constant factor), as the released code. But every step is trained: the
+     released code skips the last one (timestep_fraction 0.99 -> 9 of 10), where its grid ends
+     with a tiny .0089 -> 0 step; on this project's grid (sampler.py, deviation 2) the last step
+     is 0.1 -> 0 at shift 1 and 0.25 -> 0 at shift 3, 10% and 44% of the Eq. 12 weight
+     (sum_j dt_j^2 / 2). --train-fraction 0.99 restores the released schedule.
   4. Data parallel by hand: after the round's backward passes, the student's LoRA gradients
      are all-reduced (averaged) over processes. DDP's wrapper is not used because the one
      backbone switches between adapters (student / teachers) inside a step.
@@ -37,7 +40,6 @@ Deliberate deviations from the paper (Sec. 7 of paper.md)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -58,50 +60,76 @@ HERE = Path(__file__).resolve().parent
 
 @dataclasses.dataclass
 class DistillConfig:
-    teachers: list = dataclasses.field(default_factory=list)  # teacher folders (default: every folder in ckpts/)
-    out: str = "runs/distill"        # run folder
-    rounds: int = 50                 # optimizer steps; each round visits every task once
-    prompts: int = 16                # prompts per task per round (global, split over processes)
-    steps: int = 10                  # rollout grid steps (paper: 10)
-    noise_level: float = 0.0         # a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11
-    train_fraction: float = 0.99     # train steps j with j < floor(fraction * steps) (released: 9 of 10)
+    teachers: list = dataclasses.field(default_factory=list)  # teacher folders, one per task, or TASK=PATH for a published LoRA folder (default: every folder in ckpts/)
+    base: str = ""                   # the base of TASK=PATH teachers without opd.json: a diffusers SD3 folder or hub id
+    out: str = "runs/distill"        # run folder: created with its config; re-running the same command resumes it
+    rounds: int = 50                 # optimizer steps; each round visits every task once  [>= 1]
+    prompts: int = 16                # prompts per task per round (global, split over processes)  [>= 1]
+    steps: int = 10                  # rollout grid steps (paper: 10)  [>= 1]
+    noise_level: float = 0.0         # a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11  [>= 0]
+    train_fraction: float = 1.0      # train steps j < floor(fraction * steps); 1 = all, 0.99 = the released 9 of 10 (deviation 3)  [> 0]
     cfg: float = -1.0                # student CFG in rollouts; -1 = the base's own
-    lr: float = 2e-3                 # AdamW learning rate
-    rank: int = 32                   # student LoRA rank (paper: 32)
-    alpha: int = 64                  # student LoRA alpha (paper: 64)
-    eval_every: int = 25             # small paired eval every N rounds (0: never)
-    eval_small: int = 32             # images per task for that eval
-    eval_n: int = 256                # images per task for the final evaluation (protocol: 256)
+    lr: float = 2e-3                 # AdamW learning rate  [> 0]
+    rank: int = 32                   # student LoRA rank (paper: 32)  [>= 1]
+    alpha: int = 64                  # student LoRA alpha (paper: 64)  [>= 1]
+    eval_every: int = 25             # small paired eval on train prompts every N rounds (0: never)  [>= 0]
+    eval_small: int = 32             # images per task for that eval  [>= 1]
+    eval_n: int = 256                # images per task, final evaluation, primary table (0: none)  [>= 0]
+    eval_heldout_n: int = 64         # images per task, final evaluation, held-out table (0: none)  [>= 0]
     seed: int = 0                    # seeds prompts and rollout noise
     balance: bool = True             # divide each task's KL by its own detached value (deviation 5)
-    fresh: bool = False              # delete an existing --out and start over
+    fresh: bool = False              # delete --out (a distill run folder only) and start over
 
 
-def load_teachers(paths: list[str]) -> tuple[str, dict[str, str]]:
-    """Validate teacher folders -> (common base, {task: folder}). Any problem: CheckpointError."""
-    if not paths:
-        raise S.CheckpointError("no teachers given; pass --teachers ckpts/* (one folder per task)")
-    by_task, bases = {}, {}
-    for p in paths:
+def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[str, str], dict[str, float]]:
+    """Validate --teachers -> (common base, {task: folder}, {task: CFG}). An entry is a teacher
+    checkpoint folder of ours (opd.json names task, base, CFG) or TASK=PATH, a PEFT adapter folder
+    as published (the paper's GenEvalTeacher/lora, ...): its base is then --base, its CFG the task
+    table's (CFG-free GenEval 1.0, others 4.5) unless an opd.json says otherwise. Any problem:
+    CheckpointError."""
+    if not entries:
+        raise S.CheckpointError("no teachers given; pass --teachers ckpts/* (one folder per task) or TASK=PATH ...")
+    by_task, bases, cfgs = {}, {}, {}
+    for e in entries:
+        named = "=" in e and not Path(e).exists()
+        task, p = e.split("=", 1) if named else (None, e)
         if not Path(p).is_dir():
-            raise S.CheckpointError(f"{p}: not a folder; each --teachers entry must be a teacher checkpoint folder")
+            raise S.CheckpointError(f"{p}: not a folder; each --teachers entry must be a teacher folder or TASK=PATH")
         meta = S.read_meta(p)
-        if meta.get("role") != "teacher":
+        if not named and meta.get("role") != "teacher":
             raise S.CheckpointError(f"{p}: not a teacher checkpoint ({S.META} role is {meta.get('role')!r}); "
-                                    "pass folders written by teachers.py")
-        task = meta.get("task")
+                                    "pass folders written by teachers.py, or TASK=PATH for a published LoRA folder")
+        if named and not (Path(p) / "adapter_config.json").is_file():
+            raise S.CheckpointError(f"{p}: not a LoRA adapter folder (no adapter_config.json); pass the folder that "
+                                    "holds adapter_config.json and adapter_model.safetensors")
+        if named and meta.get("task") not in (None, task):
+            raise S.CheckpointError(f"{p}: given as {task}= but its {S.META} says task {meta['task']!r}")
+        task = task or meta.get("task")
         if task not in R.TASKS:
             raise S.CheckpointError(f"{p}: teacher for unknown task {task!r}; known tasks: {sorted(R.TASKS)}")
         if task in by_task:
             raise S.CheckpointError(f"{p}: a second teacher for task {task!r} (first: {by_task[task]}); pass one per task")
         if not R.TASKS[task].train:
             raise S.CheckpointError(f"{p}: task {task!r} has an empty training prompt set")
+        if meta.get("base"):
+            base, h = S.resolve_base(p, meta), meta["base"].get("hash")
+        elif base_flag:
+            base, h = base_flag, None
+        else:
+            raise S.CheckpointError(f"{p}: no {S.META} names its base; pass --base (the diffusers folder or hub id "
+                                    "it was trained on)")
         by_task[task] = p
-        bases[p] = (S.resolve_base(p, meta), meta["base"].get("hash"))
-    if len(set(bases.values())) > 1:
+        bases[p] = (str(Path(base).resolve()) if Path(base).is_dir() else base, h)
+        st = S.settings(base)
+        cfgs[task] = float(meta.get("cfg", R.TASKS[task].teacher_cfg if st["kind"] == "sd3" else st["cfg"]))
+    if base_flag and any(b != (str(Path(base_flag).resolve()) if Path(base_flag).is_dir() else base_flag)
+                         for b, _ in bases.values()):
+        raise S.CheckpointError("teachers sit on different bases: " + "; ".join(f"{p} -> {b[0]}" for p, b in bases.items())
+                                + f" (--base {base_flag}); distil teachers of one base")
+    if len({b for b, _ in bases.values()}) > 1 or len({h for _, h in bases.values() if h}) > 1:
         raise S.CheckpointError("teachers sit on different bases: " + "; ".join(f"{p} -> {b[0]}" for p, b in bases.items())
                                 + "; distil teachers of one base")
-    return next(iter(bases.values()))[0], by_task
+    return next(iter(bases.values()))[0], by_task, cfgs
 
 
 def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, cond: dict,
@@ -137,16 +165,9 @@ def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: fl
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(DistillConfig):
-        if f.name == "teachers":
-            ap.add_argument("--teachers", nargs="+", default=None, help="teacher folders (default: ckpts/*)")
-        elif f.type == "bool" or isinstance(f.default, bool):
-            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ap = S.config_parser(DistillConfig, __doc__.split("\n")[0])
     args = vars(ap.parse_args(argv))
-    if args["teachers"] is None:                                           # plain `python distill.py`
+    if not args["teachers"]:                                             # plain `python distill.py`
         ck = HERE / "ckpts"
         args["teachers"] = sorted(os.path.relpath(p) for p in ck.iterdir() if p.is_dir()) if ck.is_dir() else []
     cfg = DistillConfig(**args)
@@ -157,34 +178,59 @@ def main(argv=None):
         sys.exit(2)
 
 
+def layout(env, cuda: bool) -> dict:
+    """Processes from torchrun's environment: WORLD_SIZE, RANK (global), LOCAL_RANK (this node's
+    GPU). One GPU per process, NCCL between GPUs; gloo between CPU processes (deviation 4)."""
+    world, rank, local = (int(env.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    return {"world": world, "rank": rank, "device": device, "backend": "nccl" if cuda else "gloo"}
+
+
 def run(cfg: DistillConfig) -> dict:
     from tqdm import tqdm
     # ---- 0. processes, teachers, student ----
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    lay = layout(os.environ, torch.cuda.is_available())
+    world, rank, device = lay["world"], lay["rank"], lay["device"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group(lay["backend"])
     if cfg.prompts % world:
         raise S.CheckpointError(f"--prompts {cfg.prompts} must be divisible by the number of processes ({world})")
-    base, by_task = load_teachers(cfg.teachers)
+    base, by_task, g_teacher = load_teachers(cfg.teachers, cfg.base)      # each teacher's own CFG
     out = Path(cfg.out)
-    if cfg.fresh and rank == 0 and out.exists():
-        shutil.rmtree(out)
+    tasks = [t for t in R.toy.TASK_NAMES if t in by_task]                    # round-robin order
+    g_student = S.settings(base)["cfg"] if cfg.cfg < 0 else cfg.cfg
+    grid = S.time_grid(cfg.steps, S.settings(base)["shift"])
+    n_train = max(1, min(cfg.steps, math.floor(cfg.train_fraction * cfg.steps)))
+    # the resolved config: every flag, plus base and teachers by resolved path AND weights (a resume
+    # under anything else is refused, naming the keys - README, "Run folders")
+    conf = dataclasses.asdict(cfg) | {
+        "base": {"path": str(Path(base).resolve()) if Path(base).is_dir() else base, "weights": R.weights_hash(base)},
+        "teachers": {t: {"path": str(Path(p).resolve()), "weights": R.weights_hash(p)} for t, p in by_task.items()},
+        "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": S.settings(base)["shift"],
+        "grid": [round(float(x), 5) for x in grid],
+        "trained_steps": n_train, "processes": world, "loss": "Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)"}
+    existed = S.open_run(out, conf, cfg.fresh, "distill") if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
-    if (out / "results.json").is_file():
-        res = json.loads((out / "results.json").read_text())
+    finished = torch.tensor(float(rank == 0 and bool(existed) and (out / "results.json").is_file()), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(finished)                   # every process learns rank 0's answer
+    if finished:
+        res = json.loads((out / "results.json").read_text()) if rank == 0 else {}
         if rank == 0:
-            print(f"{out} is finished (--fresh starts over):\n" + R.render_table(res))
+            print(f"{out} is finished, with this config (--fresh starts over):\n" + R.render_results(res))
         return res
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    policy = S.Policy(base)
-    tasks = [t for t in R.toy.TASK_NAMES if t in by_task]                    # round-robin order
-    g_teacher = {}
-    for t in tasks:
-        policy.add_adapter(t, by_task[t])
-        g_teacher[t] = float(policy.adapters[t].get("cfg", policy.guidance))
+    try:
+        policy = S.Policy(base, device=device)
+        for t in tasks:
+            policy.add_adapter(t, by_task[t])
+    except S.CheckpointError:                                   # a corrupt or ill-fitting teacher:
+        if rank == 0 and not existed:                           # leave no run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     from peft import LoraConfig
     policy.add_adapter("student", config=LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
                                                     target_modules=S.LORA_TARGETS, lora_dropout=0.0))
@@ -193,9 +239,6 @@ def run(cfg: DistillConfig) -> dict:
         p.requires_grad_(True)
     policy.use("student")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
-    g_student = policy.guidance if cfg.cfg < 0 else cfg.cfg
-    grid = S.time_grid(cfg.steps, policy.base_meta.get("shift", 1.0))
-    n_train = max(1, math.floor(cfg.train_fraction * cfg.steps))
     shape = policy.latent_shape()
     local = slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world)
     start, before = 0, 0.0                                       # before: seconds spent before a resume
@@ -204,12 +247,7 @@ def run(cfg: DistillConfig) -> dict:
         start, before = info["round"], info.get("elapsed_s", 0.0)
         if rank == 0:
             print(f"resuming {out} at round {start}")
-    conf = dataclasses.asdict(cfg) | {"base": base, "teachers": by_task, "teacher_cfg": g_teacher,
-                                      "student_cfg": g_student, "grid": [round(float(x), 5) for x in grid],
-                                      "trained_steps": n_train, "processes": world,
-                                      "loss": "Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)"}
     if rank == 0:
-        S.write_json_atomic(out / "config.json", conf)
         print(json.dumps(conf))
         kept = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["round"] < start] \
             if (out / "log.jsonl").is_file() else []
@@ -231,7 +269,7 @@ def run(cfg: DistillConfig) -> dict:
             kl = distill_task(policy, task, g_teacher[task], g_student, cond, x, grid, cfg.noise_level,
                               n_train, 1.0 / n_train, torch.Generator().manual_seed(int(rng.integers(2**31))),
                               n_global=cfg.prompts, local=local)
-            kl = torch.tensor(kl / n_train, dtype=torch.float64)                # this task's per-step KL
+            kl = torch.tensor(kl / n_train, dtype=torch.float64, device=device)  # this task's per-step KL
             if world > 1:                                              # the global batch's KL
                 torch.distributed.all_reduce(kl)
                 kl /= world
@@ -269,7 +307,7 @@ def run(cfg: DistillConfig) -> dict:
     minutes = round((before + time.time() - t0) / 60, 2)
     meta = {"role": "student", "task": None, "cfg": g_student,
             "teachers": {t: {"path": os.path.relpath(Path(p).resolve(), (out / "checkpoint").resolve()),
-                             "hash": R._weights_hash(Path(p))} for t, p in by_task.items()},
+                             "hash": R.weights_hash(p)} for t, p in by_task.items()},
             "trained": {"algorithm": "DiffusionOPD (" + conf["loss"] + ")", "minutes": minutes,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "base", "teachers")}}}
     policy.save_adapter("student", out / "checkpoint", meta)
@@ -280,56 +318,68 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy) -> dict:
-    """Final evaluation (student computed; base and teachers from their cached per-image
-    scores), the results JSON, the printed table, the paired gains, grids and curves."""
+    """Final evaluation on both tables (student computed; base and teachers from their cached
+    per-image scores), the results JSON, the printed tables, the paired gains, grids and curves."""
     ck = str(out / "checkpoint")
     rows, per = [], {}
     for name, path in [("base", base)] + [(f"teacher {t}", p) for t, p in by_task.items()] + [("DiffusionOPD student", ck)]:
-        per[name] = R.evaluate_checkpoint(path, cfg.eval_n, policy=policy if path == ck else None)
-        rows.append({"name": name, "path": os.path.relpath(path), "scores": {k: float(v.mean()) for k, v in per[name].items()}})
-    res = R.results(rows, {"n": cfg.eval_n, "seed": R.EVAL_SEED, "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"})
+        per[name] = R.evaluate_checkpoint(path, cfg.eval_n, cfg.eval_heldout_n, policy=policy if path == ck else None)
+        rows.append({"name": name, "path": os.path.relpath(path),
+                     "scores": {k: float(v.mean()) for k, v in per[name].get("train", {}).items()},
+                     "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
+    res = R.results(rows, {"n": cfg.eval_n, "heldout_n": cfg.eval_heldout_n, "seed": R.EVAL_SEED,
+                           "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"}, per)
     gains = {}
-    for t in by_task:
-        s_b, se_sb = R.paired(per["DiffusionOPD student"][t], per["base"][t])
-        t_b, se_tb = R.paired(per[f"teacher {t}"][t], per["base"][t])
-        gains[t] = {"student_minus_base": s_b, "se": se_sb, "teacher_minus_base": t_b, "se_teacher": se_tb,
-                    "closed": s_b / t_b if t_b else float("nan")}
+    for split in per["base"]:
+        for t in by_task:
+            s_b, se_sb = R.paired(per["DiffusionOPD student"][split][t], per["base"][split][t])
+            t_b, se_tb = R.paired(per[f"teacher {t}"][split][t], per["base"][split][t])
+            gains.setdefault(split, {})[t] = {"student_minus_base": s_b, "se": se_sb, "teacher_minus_base": t_b,
+                                              "se_teacher": se_tb, "closed": s_b / t_b if t_b else float("nan")}
     res["gains"] = gains
     meta = S.read_meta(ck)
     meta["scores"] = rows[-1]["scores"] | {"n": cfg.eval_n}
     S.write_json_atomic(Path(ck) / S.META, meta)
     S.write_json_atomic(out / "results.json", res)
-    print(R.render_table(res))
-    for t, g in gains.items():
-        closed = (f"closed {100 * g['closed']:.0f}% of the teacher's gain" if g["teacher_minus_base"] > 2 * g["se_teacher"]
-                  else "the teacher's own gain is not significant (< 2 SE): nothing to close")
-        print(f"{t:>9}: student - base = {g['student_minus_base']:+.3f} +- {g['se']:.3f} (paired SE); "
-              f"teacher - base = {g['teacher_minus_base']:+.3f} +- {g['se_teacher']:.3f}; {closed}")
-    figures(out, base, policy)
+    print(R.render_results(res))
+    for split, gs in gains.items():
+        print(f"\n{'primary table (train prompts)' if split == 'train' else 'held-out table (test prompts)'}:")
+        for t, g in gs.items():
+            closed = (f"closed {100 * g['closed']:.0f}% of the teacher's gain" if g["teacher_minus_base"] > 2 * g["se_teacher"]
+                      else "the teacher's own gain is not significant (< 2 SE): nothing to close")
+            print(f"{t:>9}: student - base = {g['student_minus_base']:+.3f} +- {g['se']:.3f} (paired SE); "
+                  f"teacher - base = {g['teacher_minus_base']:+.3f} +- {g['se_teacher']:.3f}; {closed}")
+    if "train" in per["base"]:
+        figures(out, policy, {n: per[n]["train"] for n in ("base", "DiffusionOPD student")})
     return res
 
 
-def figures(out: Path, base: str, policy: S.Policy, k: int = 8) -> None:
-    """grid_<task>.png: base (top) and student (bottom) on the same held-out prompts and noise,
-    each image titled with its reward; curves.png: per-step KL and the small evals."""
+def figures(out: Path, policy: S.Policy, scores: dict, k: int = 8) -> dict:
+    """grid_<task>.png: base (top) and student (bottom) through the protocol - its first k images
+    of the primary table (same prompts, same initial noise, each model's own CFG, the base's
+    shift) - each titled with its per-image score from the evaluation; curves.png: per-step KL
+    and the small evals. Returns {task: {name: (titles, the drawn images re-scored)}}: equal (tested)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    drawn = {}
+    k = min([k] + [len(v) for sc in scores.values() for v in sc.values()])   # at most the protocol's n
     for task in R.toy.TASK_NAMES:
-        ps = list(R.TASKS[task].test[:k])
+        ps = R.eval_prompts(task, "train", k)
         seeds = [R.EVAL_SEED + i for i in range(k)]
         fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.1))
-        for row, name in enumerate((None, "student")):
-            policy.use(name)
-            imgs = S.sample(policy, ps, seeds, R.EVAL_STEPS)
-            scores = R.TASKS[task].reward(imgs, ps, strict=True)
+        for row, (name, adapter) in enumerate((("base", None), ("DiffusionOPD student", "student"))):
+            policy.use(adapter)
+            g = S.settings(policy.base_path)["cfg"] if adapter is None else S.settings(out / "checkpoint")["cfg"]
+            imgs = S.sample(policy, ps, seeds, R.EVAL_STEPS, policy.shift, g)
+            drawn.setdefault(task, {})[name] = (scores[name][task][:k], R.TASKS[task].reward(imgs, ps))
             for c in range(k):
                 axes[row, c].imshow(imgs[c], interpolation="nearest")
-                axes[row, c].set_title(f"{scores[c]:.2f}", fontsize=8)
+                axes[row, c].set_title(f"{scores[name][task][c]:.2f}", fontsize=8)
                 axes[row, c].axis("off")
-            axes[row, 0].text(-4, 16, "base" if name is None else "student", rotation=90, va="center",
+            axes[row, 0].text(-4, 16, "base" if adapter is None else "student", rotation=90, va="center",
                               ha="right", fontsize=9)
-        fig.suptitle(f"{task}: held-out prompts, same noise; title = reward", fontsize=9)
+        fig.suptitle(f"{task}: the protocol's first {k} images (train prompts, same noise); title = score", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / f"grid_{task}.png", dpi=100)
         plt.close(fig)
@@ -345,12 +395,13 @@ def figures(out: Path, base: str, policy: S.Policy, k: int = 8) -> None:
             ax[1].plot([x["round"] + 1 for x in e], [x[f"eval_{t}"] / (10 if t == "aesthetic" else 1) for x in e],
                        "o-", label=t + (" / 10" if t == "aesthetic" else ""))
     ax[0].set(yscale="log", xlabel="round", ylabel="per-step KL (mean over dims)")
-    ax[1].set(xlabel="round", ylabel="held-out reward (paired small eval)")
+    ax[1].set(xlabel="round", ylabel="train-prompt reward (paired small eval)")
     for a in ax:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
     fig.tight_layout(); fig.savefig(out / "curves.png", dpi=110)
     plt.close(fig)
+    return drawn
 
 
 if __name__ == "__main__":

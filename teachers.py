@@ -12,13 +12,17 @@ seeing the others (paper Sec. 6). Two algorithms, the ones the paper used:
     reward makes a weight r in [0, 1]; the model is trained by flow matching on re-noised
     samples through an implicit positive and negative policy.
 
-    python teachers.py --task aesthetic --algo grpo-guard --iters 120          # 8 min on 2 cores
-    python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --iters 175 --eval-every 50 --eval-small 64   # 14 min
-    python teachers.py --task geneval --algo nft --iters 750                   # 14 min
-    python teachers.py --task ocr ... --export ckpts/ocr     # ship a finished run's checkpoint/
+    python teachers.py --task aesthetic --algo grpo-guard --iters 120 --export ckpts/aesthetic     # 8 min
+    python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 3000 \
+        --minutes 30 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 30 min
+    python teachers.py --task geneval --algo nft --iters 700 --eval-every 100 --eval-small 64 \
+        --eval-n 0 --export ckpts/geneval                                                        # GVMIN min
+    python rewards.py base ckpts/* --export-scores      # their scores, both tables, into the folders
 
-These three commands, each with `--export ckpts/<task>`, regenerate the shipped teachers
-(README, "Stage 1"). Runs write runs/teacher-<task>/ and resume when re-run.
+on 2 cores regenerate the shipped teachers (README, "Results"); `--minutes` stops a run when its
+time budget is spent, and opd.json records the iterations reached. Runs write
+runs/teacher-<task>/ and resume when re-run with the same flags; `--export` ships a finished
+run's checkpoint/.
 
 Deliberate deviations from the papers (all for a 2-core CPU budget)
   1. Toy sizes: 4 prompts x 8 images per iteration (Flow-GRPO: 24 per group, 48 GPUs), 10
@@ -29,20 +33,15 @@ Deliberate deviations from the papers (all for a 2-core CPU budget)
      schedule"); NFT's rollouts use the same 10-step ODE grid as everything else.
   4. One rollout batch feeds `minibatches` optimizer steps (so PPO ratios leave 1 and the clip
      can act, as in Flow-GRPO, where a sample batch is split into several train batches).
-  5. Learning rates are the CPU budget's, measured: GRPO-Guard on OCR at lr 1e-3 rose for 75
-     iterations, then decayed (0.44, 0.44, 0.53, 0.45, 0.30 on the paired 32-image eval at
-     25..125; base 0.50); at lr 3e-4 it climbed steadily (0.45, 0.48, 0.53 at 50, 100, 150 on
-     64 images, base 0.51) and the shipped teacher scores 0.602 vs the base's 0.490 (n = 256).
-     `--train-fraction 0.5` (a random half of the steps per minibatch, Flow-GRPO's timestep_fraction)
-     runs an iteration in ~3.0 s instead of ~4.7 s and gained as much per iteration: 300 of them
-     reached 0.625 (README, "Stage 1"); the shipped teacher trains every step.
-  6. The GenEval teacher is CFG-free DiffusionNFT, as the paper's. It does not clearly beat the
-     base in this budget (README, "Stage 1"): 750 iterations, 14 min: held-out GenEval 0.230 at
-     CFG 1 (base 0.219 at CFG 3).
+  5. Learning rates and lengths are the CPU budget's, measured (docs/experiments.md): GRPO-Guard
+     on OCR climbs steadily at lr 3e-4 and collapses after ~350 iterations at 6e-4;
+     `--train-fraction 0.5` (a random half of the steps per minibatch, Flow-GRPO's
+     timestep_fraction) costs ~3 s an iteration instead of ~4.7 and gains as much per
+     iteration. CFG-free NFT on GenEval peaks near 700 iterations at lr 1e-3 (training reward
+     0.54 -> 0.71) and declines after; at 3e-3 it declines sooner.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -58,31 +57,34 @@ import sampler as S
 
 @dataclasses.dataclass
 class TeacherConfig:
-    task: str = "ocr"                 # which task's prompts and reward (one of rewards.TASKS)
-    algo: str = "grpo-guard"          # grpo-guard | flow-grpo | nft
+    task: str = "ocr"                 # which task's prompts and reward  [in geneval|ocr|aesthetic]
+    algo: str = "grpo-guard"          # the RL algorithm  [in grpo-guard|flow-grpo|nft]
     base: str = "base"                # the base checkpoint the adapter sits on
-    out: str = ""                     # run folder (default runs/teacher-<task>)
-    iters: int = 150                  # RL iterations (one rollout batch each)
-    prompts: int = 4                  # distinct prompts per iteration
-    group: int = 8                    # images per prompt (GRPO group; NFT uses the same)
-    steps: int = 10                   # rollout grid steps (training); evaluation uses 40
-    noise_level: float = 0.7          # a of Eq. 5 for GRPO rollouts (Flow-GRPO's SD3 value)
+    out: str = ""                     # run folder (default runs/teacher-<task>); re-running resumes it
+    iters: int = 150                  # RL iterations (one rollout batch each)  [>= 1]
+    minutes: float = 0.0              # also stop after this many minutes of training (0: no limit)  [>= 0]
+    prompts: int = 4                  # distinct prompts per iteration  [>= 1]
+    group: int = 8                    # images per prompt (GRPO group; NFT uses the same)  [>= 2]
+    steps: int = 10                   # rollout grid steps (training); evaluation uses 40  [>= 1]
+    noise_level: float = 0.7          # a of Eq. 5 for GRPO rollouts (Flow-GRPO's SD3 value)  [> 0]
     cfg: float = -1.0                 # rollout CFG; -1: the base's own (GRPO) / 1.0 (NFT, CFG-free)
-    lr: float = 1e-3                  # AdamW learning rate of the LoRA weights
-    rank: int = 32                    # LoRA rank (paper: 32)
-    alpha: int = 64                   # LoRA alpha (paper: 64)
-    clip: float = 2e-4                # PPO clip range epsilon on the (normalised) ratio
-    minibatches: int = 2              # optimizer steps per rollout batch (GRPO)
-    train_fraction: float = 1.0       # GRPO: each minibatch trains a random fraction of the steps
-    nft_strength: float = 1.0         # NFT's beta in v+- = (1 -+ beta) v_old +- beta v_theta
-    nft_adv_clip: float = 5.0         # NFT's c in r = clip(0.5 + 0.5 clip(A, -c, c) / c, 0, 1)
-    old_decay_max: float = 0.5        # NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)
-    old_decay_ramp: float = 0.01      # NFT: see old_decay_max
-    nft_times: int = 2                # NFT: re-noising times t drawn per clean sample
-    eval_every: int = 25              # small paired eval (n = eval_small) every N iterations
-    eval_small: int = 32              # images for the periodic eval
-    eval_n: int = 256                 # images per task for the final evaluation (all tasks)
+    lr: float = 1e-3                  # AdamW learning rate of the LoRA weights  [> 0]
+    rank: int = 32                    # LoRA rank (paper: 32)  [>= 1]
+    alpha: int = 64                   # LoRA alpha (paper: 64)  [>= 1]
+    clip: float = 2e-4                # PPO clip range epsilon on the (normalised) ratio  [> 0]
+    minibatches: int = 2              # optimizer steps per rollout batch (GRPO)  [>= 1]
+    train_fraction: float = 1.0       # GRPO: each minibatch trains a random fraction of the steps  [> 0]
+    nft_strength: float = 1.0         # NFT's beta in v+- = (1 -+ beta) v_old +- beta v_theta  [> 0]
+    nft_adv_clip: float = 5.0         # NFT's c in r = clip(0.5 + 0.5 clip(A, -c, c) / c, 0, 1)  [> 0]
+    old_decay_max: float = 0.5        # NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)  [>= 0]
+    old_decay_ramp: float = 0.01      # NFT: see old_decay_max  [>= 0]
+    nft_times: int = 2                # NFT: re-noising times t drawn per clean sample  [>= 1]
+    eval_every: int = 25              # small paired eval on train prompts every N iterations (0: never)  [>= 0]
+    eval_small: int = 32              # images for the periodic eval  [>= 1]
+    eval_n: int = 256                 # images per task, final evaluation, primary table (0: none)  [>= 0]
+    eval_heldout_n: int = 64          # images per task, final evaluation, held-out table  [>= 0]
     seed: int = 0                     # seeds prompts, rollout noise and re-noising
+    fresh: bool = False               # delete --out (a teachers run folder only) and start over
     export: str = ""                  # after training, copy checkpoint/ here (e.g. ckpts/ocr)
 
 
@@ -140,10 +142,12 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
             raise S.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
     out = Path(cfg.out or f"runs/teacher-{cfg.task}")
     ckpt = out / "checkpoint"
-    if (ckpt / S.META).is_file():
-        print(f"{out} is finished: {ckpt} (delete the folder to start over)")
+    conf = dataclasses.asdict(cfg) | {"base": {"path": str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir()
+                                               else cfg.base, "weights": R.weights_hash(cfg.base)},
+                                      "tasks": tasks}
+    if S.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / S.META).is_file():
+        print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
         return ckpt
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     policy = S.Policy(cfg.base)
     nft = cfg.algo == "nft"
@@ -160,7 +164,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         p.requires_grad_(True)
     policy.use("teacher")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    grid = S.time_grid(cfg.steps, policy.base_meta.get("shift", 1.0))
+    grid = S.time_grid(cfg.steps, policy.shift)
     shape = policy.latent_shape()
     start, before = 0, 0.0                                     # before: seconds spent before a resume
     state = {"params": params} | ({"old": old_params} if nft else {})
@@ -168,13 +172,15 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         info = S.load_state(out / "state", state, opt)
         start, before = info["iter"], info.get("elapsed_s", 0.0)
         print(f"resuming {out} at iteration {start}")
-    conf = dataclasses.asdict(cfg) | {"rollout_cfg": g, "grid": [round(float(x), 5) for x in grid],
-                                      "lora_params": sum(p.numel() for p in params)}
-    S.write_json_atomic(out / "config.json", conf)
-    print(json.dumps(conf))
+    print(json.dumps(conf | {"rollout_cfg": g, "grid": [round(float(x), 5) for x in grid],
+                             "lora_params": sum(p.numel() for p in params)}))
     log = open(out / "log.jsonl", "a")
     t0 = time.time()
+    done = start
     for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
+        if cfg.minutes and before + time.time() - t0 > 60 * cfg.minutes:
+            break                                              # the time budget is spent
+        done = it + 1
         task = R.TASKS[tasks[it % len(tasks)]]
         rng = np.random.default_rng([cfg.seed, it])
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
@@ -254,24 +260,20 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         log.write(json.dumps(rec) + "\n"); log.flush()
     # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
     meta = {"role": "teacher", "task": cfg.task, "cfg": g,
-            "trained": {"algorithm": cfg.algo, "minutes": round((before + time.time() - t0) / 60, 2),
-                        "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base")}}}
+            "trained": {"algorithm": cfg.algo, "minutes": round((before + time.time() - t0) / 60, 2), "iterations": done,
+                        "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}
+                        | {"rollout_cfg": g}}}
     policy.save_adapter("teacher", ckpt, meta)
     if cfg.eval_n > 0:
-        scores = R.evaluate_checkpoint(str(ckpt), cfg.eval_n)
-        meta["scores"] = {k: float(np.mean(v)) for k, v in scores.items()} | {"n": cfg.eval_n}
+        per = R.evaluate_checkpoint(str(ckpt), cfg.eval_n, cfg.eval_heldout_n)
+        meta["scores"] = {k: float(np.mean(v)) for k, v in per["train"].items()} | {"n": cfg.eval_n}
         S.write_json_atomic(ckpt / S.META, meta | {"base": S.read_meta(ckpt)["base"]})
     print(f"teacher {cfg.task} ({cfg.algo}) in {meta['trained']['minutes']} min: {meta.get('scores', 'not evaluated (--eval-n 0)')}")
     return ckpt
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(TeacherConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = TeacherConfig(**vars(ap.parse_args(argv)))
-    if cfg.algo not in ("grpo-guard", "flow-grpo", "nft"):
-        print(f"error: --algo {cfg.algo!r} is not one of grpo-guard, flow-grpo, nft", file=sys.stderr); sys.exit(2)
+    cfg = TeacherConfig(**vars(S.config_parser(TeacherConfig, __doc__.split("\n")[0]).parse_args(argv)))
     try:
         ckpt = train(cfg)
         if cfg.export:
