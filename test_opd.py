@@ -1478,13 +1478,14 @@ def test_shipped_teacher_cache_reproduces():
 
 
 def test_shipped_teachers_are_specialists():
-    """Measured on the shipped teachers, primary table (cached n = 256 paired scores): each gains
-    over the base on its own task by more than 2 paired standard errors, and its own task is
-    where it gains most, each gain divided by its column's range over base + teachers."""
+    """Measured on the shipped OCR and aesthetic teachers, primary table (cached n = 256 paired
+    scores): each gains over the base on its own task by more than 2 paired standard errors, and
+    its own task is where it gains most, each gain divided by its column's range over base +
+    teachers. The GenEval teacher does not (-0.004 +- 0.037 on its task; README, "Results")."""
     per = {ck: R.evaluate_checkpoint(str(REPO / ck), 256, R.HELDOUT_N)["train"] for ck in SHIPPED}
     rng = {t: np.ptp([per[ck][t].mean() for ck in SHIPPED]) for t in R.TASKS}
-    for ck in SHIPPED[1:]:
-        own = Path(ck).name
+    for own in ("ocr", "aesthetic"):
+        ck = f"ckpts/{own}"
         gain, se = R.paired(per[ck][own], per["base"][own])
         assert gain > 2 * se, f"{own} teacher - base = {gain:+.3f} +- {se:.3f} (paired SE); need > 2 SE"
         norm = {t: (per[ck][t].mean() - per["base"][t].mean()) / rng[t] for t in R.TASKS}
