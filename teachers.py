@@ -16,7 +16,7 @@ seeing the others (paper Sec. 6). Two algorithms, the ones the paper used:
     python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 3000 \
         --minutes 30 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 30 min
     python teachers.py --task geneval --algo nft --iters 700 --eval-every 100 --eval-small 64 \
-        --eval-n 0 --export ckpts/geneval                                                        # GVMIN min
+        --eval-n 0 --export ckpts/geneval                                                        # 20 min
     python rewards.py base ckpts/* --export-scores      # their scores, both tables, into the folders
 
 on 2 cores regenerate the shipped teachers (README, "Results"); `--minutes` stops a run when its
