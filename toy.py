@@ -50,7 +50,8 @@ Deliberate deviations from the paper:
      from parse(p)["category"].
   5. Caption noise: 45% of geneval captions in pretraining are confusable(prompt) (opposite
      relation, swapped colours, count +-1, another colour), standing in for noisy web captions.
-     Without it the base scored GenEval 0.99 (nothing for RL to fix); with it, 0.22 (others: README).
+     Without it the base scored GenEval 0.99 (nothing for RL to fix); with it, 0.27 on its
+     training prompts (other worlds tried: docs/experiments.md).
   6. Time sampling: half uniform, half SD3's logit-normal (see pretrain()).
 """
 import dataclasses
