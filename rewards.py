@@ -686,13 +686,12 @@ def row_name(path: str) -> str:
 
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Evaluate checkpoints with the protocol (README, 'Evaluation'): both "
+    ap = S._Parser(description="Evaluate checkpoints with the protocol (README, 'Evaluation'): both "
                                              "tables, paired to the first checkpoint given.")
     ap.add_argument("ckpts", nargs="+", help="checkpoint folders (base/, ckpts/*, runs/.../checkpoint); the first is "
                                              "the reference of the paired differences")
-    ap.add_argument("--n", type=_positive, default=256, help="images per task, primary table (default: 256)")
-    ap.add_argument("--heldout-n", type=_nonneg, default=HELDOUT_N,
+    ap.add_argument("--n", type=S.checked(int, (">=", "1")), default=256, help="images per task, primary table (default: 256)")
+    ap.add_argument("--heldout-n", type=S.checked(int, (">=", "0")), default=HELDOUT_N,
                     help=f"images per task, held-out table; 0 skips it (default: {HELDOUT_N})")
     ap.add_argument("--json", default="", help="also write the results JSON to this file (default: none)")
     ap.add_argument("--export-scores", action="store_true",
@@ -718,20 +717,6 @@ def main(argv=None):
     print(render_results(res))
     if args.json:
         S.write_json_atomic(args.json, res)
-
-
-def _positive(v: str) -> int:
-    import argparse
-    if not v.lstrip("-").isdigit() or int(v) < 1:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 1")
-    return int(v)
-
-
-def _nonneg(v: str) -> int:
-    import argparse
-    if not v.lstrip("-").isdigit() or int(v) < 0:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number >= 0")
-    return int(v)
 
 
 if __name__ == "__main__":

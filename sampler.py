@@ -400,12 +400,14 @@ def config_parser(cls, description: str, skip: tuple = ()) -> argparse.ArgumentP
         elif isinstance(default, list):
             kw["nargs"] = "+"
         else:
-            kw["type"] = _checked(type(default), re.search(r"\[(>=|>|in) ([^\]]+)\]$", doc))
+            rule = re.search(r"\[(>=|>|in) ([^\]]+)\]$", doc)
+            kw["type"] = checked(type(default), rule.groups() if rule else None)
         ap.add_argument("--" + f.name.replace("_", "-"), **kw)
     return ap
 
 
-def _checked(typ, rule):
+def checked(typ, rule: tuple | None):
+    """An argparse type: typ(v), checked against rule = (">=" | ">" | "in", bound) if given."""
     def parse(v: str):
         try:
             x = typ(v)
@@ -413,7 +415,7 @@ def _checked(typ, rule):
             raise argparse.ArgumentTypeError(f"{v!r} is not a {typ.__name__}") from None
         if rule and typ is not str and not math.isfinite(x):
             raise argparse.ArgumentTypeError(f"{v!r} is not finite")
-        op, arg = rule.groups() if rule else (None, None)
+        op, arg = rule or (None, None)
         if (op == ">=" and not x >= float(arg)) or (op == ">" and not x > float(arg)) \
                 or (op == "in" and x not in arg.split("|")):
             raise argparse.ArgumentTypeError(f"{v!r} is not {op} {arg}")
