@@ -19,9 +19,16 @@ Deliberate deviations from the paper (its Sec. 4 setup and the released code)
      (the states do not depend on the prediction's graph, and the weights only change at the
      end of the round), instead of the released rollout -> teacher -> recompute. Same
      gradient to float64 precision (test), one student forward per step saved.
-  2. Toy sizes: 16 prompts per task per round (paper: 72 over 8 GPUs), lr 2e-3 (3e-4), no
-     EMA of the student, fp32. Round-robin task order, one optimizer step per round, grad
-     clip 1.0, AdamW betas (0.9, 0.999), wd 1e-4 as the paper.
+  2. Toy sizes: 16 prompts per task per round (paper: 72 over 8 GPUs), lr 2e-3 (3e-4); fp32
+     and no EMA by default. The released real-scale options are flags (paper values): --bf16
+     (autocast of the transformer passes; KL, loss and LoRA master weights stay fp32),
+     --grad-checkpointing (same gradient, tested), --ema 0.9 --ema-every 8: after every 8th
+     optimizer step ema = 0.9 ema + 0.1 w, starting from the initial (no-op) LoRA as Flow-GRPO;
+     the checkpoint and the final evaluation use the EMA, the periodic small eval the raw
+     weights. Off at toy scale: 50 rounds give 6 updates, which leave 0.9^6 = 53% of the
+     initial LoRA in the average (Flow-GRPO's wrapper also warms the decay up as
+     min(d, (1+s)/(10+s)); not done here). Round-robin task order, one optimizer step per
+     round, grad clip 1.0, AdamW betas (0.9, 0.999), wd 1e-4 as the paper.
   3. Aggregation: per step the KL is a MEAN over dimensions, steps and tasks are averaged (Eq. 4
      sums over steps: a constant factor), as the released code. But every step is trained: the
      released code skips the last one (timestep_fraction 0.99 -> 9 of 10), where its grid ends
@@ -61,6 +68,7 @@ HERE = Path(__file__).resolve().parent
 class DistillConfig:
     teachers: list = dataclasses.field(default_factory=list)  # teacher folders, one per task, or TASK=PATH for a published LoRA folder (default: every folder in ckpts/)
     base: str = ""                   # the base of TASK=PATH teachers without opd.json: a diffusers SD3 folder or hub id
+    prompt_dir: str = ""             # SD3 bases: the prompt folder (README, "Real scale"); empty: the example set prompts/
     out: str = "runs/distill"        # run folder: created with its config; re-running the same command resumes it
     rounds: int = 50                 # optimizer steps; each round visits every task once  [>= 1]
     prompts: int = 16                # prompts per task per round (global, split over processes)  [>= 1]
@@ -77,6 +85,10 @@ class DistillConfig:
     eval_heldout_n: int = 64         # images per task, final evaluation, held-out table (0: none)  [>= 0]
     seed: int = 0                    # seeds prompts and rollout noise
     balance: bool = True             # divide each task's KL by its own detached value (deviation 5)
+    bf16: bool = False               # bf16 autocast of the student's and teachers' transformer passes; KL, loss, LoRA weights stay fp32 (deviation 2)
+    grad_checkpointing: bool = False # recompute the transformer blocks in backward (diffusers): less memory, same gradient
+    ema: float = 0.0                 # student EMA decay (0: off; paper 0.9; < 1): the checkpoint and final evaluation use the EMA (deviation 2)  [>= 0]
+    ema_every: int = 8               # optimizer steps between EMA updates (paper: 8)  [>= 1]
     fresh: bool = False              # delete --out (a distill run folder only) and start over
 
 
@@ -108,8 +120,6 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
             raise S.CheckpointError(f"{p}: teacher for unknown task {task!r}; known tasks: {sorted(R.TASKS)}")
         if task in by_task:
             raise S.CheckpointError(f"{p}: a second teacher for task {task!r} (first: {by_task[task]}); pass one per task")
-        if not R.TASKS[task].train:
-            raise S.CheckpointError(f"{p}: task {task!r} has an empty training prompt set")
         if meta.get("base"):
             base, h = S.resolve_base(p, meta), meta["base"].get("hash")
         elif base_flag:
@@ -133,33 +143,43 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
 
 def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, cond: dict,
                  x: torch.Tensor, grid: torch.Tensor, a: float, n_train: int, scale: float,
-                 gen: torch.Generator, n_global: int | None = None, local: slice = slice(None)) -> float:
+                 gen: torch.Generator, n_global: int | None = None, local: slice = slice(None),
+                 bf16: bool = False) -> float:
     """One task's share of a round, FUSED: roll the student down the grid; at each trained
     step j take its gradient-carrying mean, the teacher's mean at the same x_j, the closed-form
     KL (Eq. 11/12), and backward at once (so memory holds one step). The next state comes from
     the student's own (detached) mean: the rollout is on-policy. Returns the summed KL.
     With several processes, x holds rows `local` of a global batch of n_global; the SDE noise
     is drawn for the whole batch and sliced the same way, so any process count gives the
-    single-process rollout."""
+    single-process rollout. bf16: the transformer passes run under bf16 autocast; the
+    velocities come back in x's dtype, and the means, KL and backward are float32."""
     total = 0.0
+    amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
+    policy.use("student")
     for j in range(n_train):
         t, t_next = float(grid[j]), float(grid[j + 1])
         std = S.step_std(t, t_next, a)                                    # Eq. 6: shared by S and T
         # ---- student mean, with grad (Eq. 7) ----
-        policy.use("student")
-        mean_s = S.step_mean(x, policy.velocity(x, t, cond, g_student), t, t_next, a)
+        with amp():
+            v_s = policy.velocity(x, t, cond, g_student)
+        mean_s = S.step_mean(x, v_s, t, t_next, a)
         # ---- teacher mean at the state the STUDENT visited (Eq. 7), no grad ----
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             policy.use(teacher)
-            mean_t = S.step_mean(x, policy.velocity(x, t, cond, g_teacher), t, t_next, a)
+            v_t = policy.velocity(x, t, cond, g_teacher)
+        mean_t = S.step_mean(x, v_t, t, t_next, a)
+        # the student's adapter active again BEFORE backward: --grad-checkpointing recomputes
+        # the student's blocks in it (with the teacher's adapter active they would be the teacher's)
+        policy.use("student")
+        if bf16:
+            mean_s, mean_t = mean_s.float(), mean_t.float()
         # ---- closed-form per-step KL (Eq. 11 / 12), mean over dims, averaged over batch ----
         kl = S.step_kl(mean_s, mean_t, std).mean()
         (kl * scale).backward()
         total += float(kl.detach())
         # ---- next state from the student's own kernel: x_{j+1} = mu_S + sbar eps ----
         noise = torch.randn((n_global or len(x), *x.shape[1:]), generator=gen)[local].to(x) if std > 0 else 0.0
-        x = (mean_s.detach() + std * noise)
-    policy.use("student")
+        x = (mean_s.detach().to(x.dtype) + std * noise)
     return total
 
 
@@ -187,6 +207,10 @@ def layout(env, cuda: bool) -> dict:
 
 def run(cfg: DistillConfig) -> dict:
     from tqdm import tqdm
+    if not 0.0 <= cfg.ema < 1.0:                                 # the parser checks >= 0 only
+        raise S.CheckpointError(f"--ema {cfg.ema}: the EMA decay must be in [0, 1) (0: off; the paper's 0.9)")
+    if cfg.ema_every < 1:
+        raise S.CheckpointError(f"--ema-every {cfg.ema_every}: must be >= 1 (the paper's 8)")
     # ---- 0. processes, teachers, student ----
     lay = layout(os.environ, torch.cuda.is_available())
     world, rank, device = lay["world"], lay["rank"], lay["device"]
@@ -199,6 +223,9 @@ def run(cfg: DistillConfig) -> dict:
     base, by_task, g_teacher = load_teachers(cfg.teachers, cfg.base)      # each teacher's own CFG
     out = Path(cfg.out)
     tasks = [t for t in R.toy.TASK_NAMES if t in by_task]                    # round-robin order
+    table = R.tasks_for(base, cfg.prompt_dir or None)     # the base picks the prompts (toy or prompt files)
+    if table is not R.TASKS and (cfg.eval_every or cfg.eval_n or cfg.eval_heldout_n):
+        R.load_real_rewards(tasks)                         # a missing reward model: one line, nothing written
     g_student = S.settings(base)["cfg"] if cfg.cfg < 0 else cfg.cfg
     grid = S.time_grid(cfg.steps, S.settings(base)["shift"])
     n_train = max(1, min(cfg.steps, math.floor(cfg.train_fraction * cfg.steps)))
@@ -210,6 +237,8 @@ def run(cfg: DistillConfig) -> dict:
         "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": S.settings(base)["shift"],
         "grid": [round(float(x), 5) for x in grid],
         "trained_steps": n_train, "processes": world, "loss": "Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)"}
+    if table is not R.TASKS:                                     # real scale: the prompt files' hashes
+        conf["prompt_files"] = {t: table[t].source for t in tasks}
     existed = S.open_run(out, conf, cfg.fresh, "distill") if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()
@@ -237,12 +266,16 @@ def run(cfg: DistillConfig) -> dict:
     for p in params:
         p.requires_grad_(True)
     policy.use("student")
+    if cfg.grad_checkpointing:                                   # diffusers' own; non-reentrant, so the
+        policy.transformer.enable_gradient_checkpointing()       # LoRA weights inside get their gradients
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
+    # --ema: a copy of the student's LoRA weights, starting from the initial ones (Flow-GRPO)
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else []
     shape = policy.latent_shape()
     local = slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world)
     start, before = 0, 0.0                                       # before: seconds spent before a resume
     if (out / "state.json").is_file():
-        info = S.load_state(out / "state", {"params": params}, opt)
+        info = S.load_state(out / "state", {"params": params, "ema": ema}, opt)
         start, before = info["round"], info.get("elapsed_s", 0.0)
         if rank == 0:
             print(f"resuming {out} at round {start}")
@@ -261,13 +294,13 @@ def run(cfg: DistillConfig) -> dict:
         for task in tasks:
             opt.zero_grad(set_to_none=True)
             # ---- 1. prompts of THIS task only (routing by dataset, never mixed) ----
-            ps = [R.TASKS[task].train[k] for k in rng.integers(len(R.TASKS[task].train), size=cfg.prompts)]
+            ps = [table[task].train[k] for k in rng.integers(len(table[task].train), size=cfg.prompts)]
             x = torch.randn((cfg.prompts, *shape), generator=gen)[local].to(policy.device, policy.dtype)  # global draw, local slice
             cond = policy.encode(ps[local])
             # ---- 2-4. fused rollout + teacher means + closed-form KL + backward ----
             kl = distill_task(policy, task, g_teacher[task], g_student, cond, x, grid, cfg.noise_level,
                               n_train, 1.0 / n_train, torch.Generator().manual_seed(int(rng.integers(2**31))),
-                              n_global=cfg.prompts, local=local)
+                              n_global=cfg.prompts, local=local, bf16=cfg.bf16)
             kl = torch.tensor(kl / n_train, dtype=torch.float64, device=device)  # this task's per-step KL
             if world > 1:                                              # the global batch's KL
                 torch.distributed.all_reduce(kl)
@@ -290,13 +323,18 @@ def run(cfg: DistillConfig) -> dict:
             raise S.CheckpointError(f"{out}: loss is NaN/inf at round {rnd} ({rec}); lower --lr. "
                                     "The last good state is kept; nothing was overwritten")
         opt.step()
+        if ema and (rnd + 1) % cfg.ema_every == 0:                # after every ema_every-th optimizer step
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.mul_(cfg.ema).add_(p, alpha=1.0 - cfg.ema)  # ema = d ema + (1 - d) w
         if rank == 0:
-            S.save_state(out / "state", {"params": params}, opt, {"round": rnd + 1, "elapsed_s": before + time.time() - t0})
+            S.save_state(out / "state", {"params": params, "ema": ema}, opt,
+                         {"round": rnd + 1, "elapsed_s": before + time.time() - t0})
         rec["time_s"] = round(time.time() - t0, 1)
         # ---- 6. small paired evaluation every N rounds ----
         if rank == 0 and cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0):
             for task in tasks:
-                rec[f"eval_{task}"] = float(R.evaluate(policy, task, cfg.eval_small, g_student).mean())
+                rec[f"eval_{task}"] = float(R.evaluate(policy, task, cfg.eval_small, g_student, table=table).mean())
         if rank == 0:
             log.write(json.dumps(rec) + "\n"); log.flush()
     # ---- 7. the student checkpoint, final evaluation, table, figures ----
@@ -304,30 +342,36 @@ def run(cfg: DistillConfig) -> dict:
         torch.distributed.barrier()
         return {}
     minutes = round((before + time.time() - t0) / 60, 2)
+    if ema:                                                      # the EMA is the student: saved and evaluated
+        with torch.no_grad():                                    # (the small evals above used the raw weights)
+            for e, p in zip(ema, params):
+                p.copy_(e)
     meta = {"role": "student", "task": None, "cfg": g_student,
             "teachers": {t: {"path": os.path.relpath(Path(p).resolve(), (out / "checkpoint").resolve()),
                              "hash": R.weights_hash(p)} for t, p in by_task.items()},
             "trained": {"algorithm": "DiffusionOPD (" + conf["loss"] + ")", "minutes": minutes,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "base", "teachers")}}}
     policy.save_adapter("student", out / "checkpoint", meta)
-    res = report(cfg, out, base, by_task, policy)
+    res = report(cfg, out, base, by_task, policy, table)
     if world > 1:
         torch.distributed.barrier()
     return res
 
 
-def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy) -> dict:
+def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy, table: dict) -> dict:
     """Final evaluation on both tables (student computed; base and teachers from their cached
     per-image scores), the results JSON, the printed tables, the paired gains, grids and curves."""
     ck = str(out / "checkpoint")
     rows, per = [], {}
     for name, path in [("base", base)] + [(f"teacher {t}", p) for t, p in by_task.items()] + [("DiffusionOPD student", ck)]:
-        per[name] = R.evaluate_checkpoint(path, cfg.eval_n, cfg.eval_heldout_n, policy=policy if path == ck else None)
+        per[name] = R.evaluate_checkpoint(path, cfg.eval_n, cfg.eval_heldout_n, policy=policy if path == ck else None,
+                                          prompt_dir=cfg.prompt_dir or None)
         rows.append({"name": name, "path": os.path.relpath(path),
                      "scores": {k: float(v.mean()) for k, v in per[name].get("train", {}).items()},
                      "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
     res = R.results(rows, {"n": cfg.eval_n, "heldout_n": cfg.eval_heldout_n, "seed": R.EVAL_SEED,
-                           "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"}, per)
+                           "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)",
+                           "metrics": {t: v.metric for t, v in table.items()}}, per)
     gains = {}
     for split in per["base"]:
         for t in by_task:
@@ -349,11 +393,11 @@ def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy) -> dict:
             print(f"{t:>9}: student - base = {g['student_minus_base']:+.3f} +- {g['se']:.3f} (paired SE); "
                   f"teacher - base = {g['teacher_minus_base']:+.3f} +- {g['se_teacher']:.3f}; {closed}")
     if "train" in per["base"]:
-        figures(out, policy, {n: per[n]["train"] for n in ("base", "DiffusionOPD student")})
+        figures(out, policy, {n: per[n]["train"] for n in ("base", "DiffusionOPD student")}, table)
     return res
 
 
-def figures(out: Path, policy: S.Policy, scores: dict, k: int = 8) -> dict:
+def figures(out: Path, policy: S.Policy, scores: dict, table: dict | None = None, k: int = 8) -> dict:
     """grid_<task>.png: base (top) and student (bottom) through the protocol - its first k images
     of the primary table (same prompts, same initial noise, each model's own CFG, the base's
     shift) - each titled with its per-image score from the evaluation; curves.png: per-step KL
@@ -361,17 +405,17 @@ def figures(out: Path, policy: S.Policy, scores: dict, k: int = 8) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    drawn = {}
+    drawn, table = {}, table or R.TASKS
     k = min([k] + [len(v) for sc in scores.values() for v in sc.values()])   # at most the protocol's n
-    for task in R.toy.TASK_NAMES:
-        ps = R.eval_prompts(task, "train", k)
+    for task in [t for t in R.toy.TASK_NAMES if t in scores["base"]]:
+        ps = R.eval_prompts(task, "train", k, table)
         seeds = [R.EVAL_SEED + i for i in range(k)]
         fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.1))
         for row, (name, adapter) in enumerate((("base", None), ("DiffusionOPD student", "student"))):
             policy.use(adapter)
             g = S.settings(policy.base_path)["cfg"] if adapter is None else S.settings(out / "checkpoint")["cfg"]
             imgs = S.sample(policy, ps, seeds, R.EVAL_STEPS, policy.shift, g)
-            drawn.setdefault(task, {})[name] = (scores[name][task][:k], R.TASKS[task].reward(imgs, ps))
+            drawn.setdefault(task, {})[name] = (scores[name][task][:k], table[task].reward(imgs, ps))
             for c in range(k):
                 axes[row, c].imshow(imgs[c], interpolation="nearest")
                 axes[row, c].set_title(f"{scores[name][task][c]:.2f}", fontsize=8)

@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 META = "opd.json"            # the one metadata file of every checkpoint (README, "Checkpoints")
+SD3_RES = 512                # px: the paper trains and evaluates SD3.5-M at 512 x 512 (Sec. 4)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -468,6 +469,25 @@ class Policy:
             self.use(name)
             self.meta = meta
 
+    @classmethod
+    def from_transformer(cls, transformer, shift: float = 3.0, guidance: float = SD3_CFG,
+                         device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> "Policy":
+        """A Policy around a bare SD3Transformer2DModel: no text encoders, no VAE, no folder.
+        velocity (with CFG), adapters and use() are the usual ones; encode() is NOT available
+        (pass the conditioning dict {"emb", "pooled", "uemb", "upooled"} yourself) and decode()
+        treats states as pixels. For benchmarks and tests (bench_distill.py builds SD3.5-M from
+        its published config with random weights). Defaults: SD3.5-M's shift 3, the paper's CFG 4.5.
+        The transformer is moved to device/dtype in place, frozen and put in eval mode."""
+        self = cls.__new__(cls)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.base_path, self.base_meta, self.meta = None, {}, {}            # no folder: save_adapter is unavailable
+        self.pipe = self.vae = self.text_encoder = self.tokenizer = None
+        self.transformer = transformer.to(self.device, dtype).requires_grad_(False).eval()
+        self.net, self.active, self.adapters = self.transformer, None, {}
+        self.guidance, self.shift = float(guidance), float(shift)
+        return self
+
     # -- loading ------------------------------------------------------------------
     def _load_toy(self, path: Path) -> None:
         from diffusers import SD3Transformer2DModel
@@ -627,9 +647,11 @@ class Policy:
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
-        """(C, H, W) of a state; pixel space (toy) has no VAE, so f = 1."""
+        """(C, H, W) of a state; pixel space (toy) has no VAE, so f = 1. Default resolution: the
+        toy's own; SD3: the paper's 512 px (SD3_RES), or the base's own size if smaller."""
         f = 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-        r = (resolution or self.transformer.config.sample_size * f) // f
+        own = self.transformer.config.sample_size * f
+        r = (resolution or (own if self.vae is None else min(SD3_RES, own))) // f
         return (self.transformer.config.in_channels, r, r)
 
 

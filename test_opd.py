@@ -18,8 +18,10 @@ import shutil
 import string
 import subprocess
 import sys
+import time
 
 from nbclient import NotebookClient
+from PIL import Image, ImageDraw, ImageFont
 import nbformat
 import numpy as np
 import pytest
@@ -1719,3 +1721,681 @@ def test_export_only_creates_or_replaces_checkpoints(tiny_base, tmp_path):
     S.export_checkpoint(tiny_base, tmp_path / "new")
     S.export_checkpoint(tiny_base, tmp_path / "new")                      # over a checkpoint: allowed
     assert S.read_meta(tmp_path / "new")["role"] == "base"
+
+
+# ==== 8. real scale: prompt folders, the task table of an SD3 base, bad inputs ====
+def test_shipped_prompt_folder_is_usable():
+    """The example prompt set (prompts/) reads for every task and split, in the anchors' layout;
+    GenEval's training prompts never repeat a test prompt; every metadata record is valid."""
+    for task in toy.TASK_NAMES:
+        for split in R.SPLITS:
+            ps, specs = R.read_prompts(R.PROMPT_DIR, task, split)
+            assert len(ps) >= 16, (task, split, len(ps))
+            if task == "geneval":
+                assert set(ps) == set(specs) and all(not R._geneval_meta_ok(m) for m in specs.values())
+    tr, te = (set(R.read_prompts(R.PROMPT_DIR, "geneval", s)[0]) for s in R.SPLITS)
+    assert not tr & te, f"GenEval train prompts repeat test prompts: {sorted(tr & te)[:3]}"
+    assert {m["tag"] for m in R.read_prompts(R.PROMPT_DIR, "geneval", "train")[1].values()} == set(R.GENEVAL_TAGS)
+
+
+def test_geneval_prompt_generator(tmp_path):
+    """The generator writes GenEval metadata from the templates (80 classes, 10 colours, six tags),
+    leaves out every prompt of the test file it is given, and never overwrites."""
+    test_f = R.PROMPT_DIR / "geneval" / "test_metadata.jsonl"
+    r = _cli("rewards.py", "--geneval-prompts", tmp_path / "p", "--count", "1200", "--exclude", test_f)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ps, specs = R.read_prompt_file(tmp_path / "p" / "geneval" / "train_metadata.jsonl", "geneval")
+    test = set(R.read_prompt_file(test_f, "geneval")[0])
+    assert len(ps) == len(set(ps)) == 1200 and not set(ps) & test
+    tags = {t: [m["tag"] for m in specs.values()].count(t) for t in R.GENEVAL_TAGS}
+    assert 70 <= tags["single_object"] <= 80 and min(tags.values()) >= 70, tags   # 80 classes: single runs out
+    for m in specs.values():
+        if m["tag"] == "counting":
+            k = m["include"][0]["count"]
+            assert 2 <= k <= 4 and m["exclude"] == [{"class": m["include"][0]["class"], "count": k + 1}]
+        if m["tag"] == "position":
+            assert m["prompt"].endswith(m["include"][0]["class"]) and m["include"][1]["position"][1] == 0
+    classes = {r["class"] for m in specs.values() for r in m["include"]}
+    assert len(classes) >= 70 and classes <= set(R.COCO_CLASSES)
+    # the same prompts drawn without the exclusion do hit the test set: the exclusion is doing work
+    assert set(p["prompt"] for p in R.geneval_prompts(1200, 0)) & test
+    before = (tmp_path / "p" / "geneval" / "train_metadata.jsonl").read_bytes()
+    again = _cli("rewards.py", "--geneval-prompts", tmp_path / "p", "--count", "5")
+    assert again.returncode == 2 and "exists" in again.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "p" / "geneval" / "train_metadata.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("task,line,words", [
+    ("ocr", "", "no usable prompt line"),
+    ("ocr", "a sign without a quoted target", "double quotes"),
+    ("aesthetic", "\n\n", "no usable prompt line"),
+    ("geneval", "{not json", "not a JSON object"),
+    ("geneval", '{"tag": "counting", "prompt": "two cats", "include": [{"class": "kitten", "count": 2}]}', "COCO"),
+    ("geneval", '{"tag": "position", "prompt": "a cat left of a dog", "include": [{"class": "cat", "count": 1, '
+                '"position": ["left of", 0]}]}', "earlier include"),
+])
+def test_bad_prompt_file_one_line(tmp_path, task, line, words):
+    """A prompt file that cannot be used is one line naming the file (and line), before anything runs."""
+    d = tmp_path / "prompts"
+    shutil.copytree(R.PROMPT_DIR, d)
+    f = d / R.REAL_FOLDERS[task] / ("train_metadata.jsonl" if task == "geneval" else "train.txt")
+    f.write_text(line + "\n")
+    with pytest.raises(S.CheckpointError, match=words) as e:
+        R.real_tasks(d)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_base_picks_the_task_table(tiny_base, sd3_dir):
+    """Same three task names at both scales: a toy base takes the toy prompts, an SD3 base the prompt
+    folder's, with the aesthetic task scored by PickScore and the teachers' CFG from the table."""
+    assert R.tasks_for(tiny_base) is R.TASKS
+    real = R.tasks_for(sd3_dir)
+    assert list(real) == list(R.TASKS)
+    assert real["ocr"].train == R.read_prompts(R.PROMPT_DIR, "ocr", "train")[0]
+    assert real["aesthetic"].metric == "PickScore" and real["aesthetic"].test[0].startswith("A green colored bicycle")
+    assert {t: v.teacher_cfg for t, v in real.items()} == {"geneval": 1.0, "ocr": 4.5, "aesthetic": 4.5}
+    proto = R.protocol("geneval", "test", 4, 1.0, 3.0, 16, real)
+    assert proto["prompt_files"] == real["geneval"].source and "prompt_files" not in R.protocol("geneval", "test", 4, 1.0, 1.0, 32)
+
+
+# ---- real-scale rewards: tiny random CLIP / Mask2Former saved as model folders, hand-made detections, PP-OCR at 512 px ----
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel (hidden 16, 1 layer, 32 px images, patch 8) with a character-level
+    CLIPTokenizer and a 32 px CLIPImageProcessor, saved as a model folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}          # CLIP BPE: characters, no merges
+    vocab.update({c: len(vocab) for c in chars})
+    vocab.update({c + "</w>": len(vocab) for c in chars})
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)                 # e^3 = 20.1: the scale is visible in PickScore
+    d = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    model.save_pretrained(d)
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
+    return d
+
+
+def test_pickscore_and_clipscore_by_hand(clip_dir):
+    """PickScore = logit_scale.exp() x cosine and ClipScore = the cosine, against the embeddings
+    computed by hand (pixels normalised with CLIP's mean / std, tokens from the tokenizer)."""
+    from transformers import CLIPModel, CLIPTokenizer
+    model, tok = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    prompts = ["a red cat", "two dogs on a bench", "x"]
+    px = torch.tensor(((imgs / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2), dtype=torch.float32)
+    with torch.no_grad():
+        img = R._pooled(model.get_image_features(pixel_values=px))
+        t = tok(prompts, padding=True, return_tensors="pt")
+        txt = R._pooled(model.get_text_features(**t))
+        cos = ((img / img.norm(dim=-1, keepdim=True)) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1)
+        want_pick = (cos * model.logit_scale.exp()).double().numpy()
+    pick = R.PickScore(str(clip_dir), str(clip_dir))(imgs, prompts)
+    clip = R.ClipScore(str(clip_dir))(imgs, prompts)
+    assert pick.dtype == np.float64 and pick.shape == (3,)
+    np.testing.assert_allclose(pick, want_pick, rtol=1e-4, atol=1e-5, err_msg=f"PickScore {pick} vs {want_pick}")
+    np.testing.assert_allclose(clip, cos.double().numpy(), rtol=1e-4, atol=1e-6, err_msg=f"ClipScore {clip}")
+    np.testing.assert_allclose(pick / clip, np.exp(3.0), rtol=1e-4)
+    assert np.ptp(clip) > 1e-4, f"the prompts do not reach the score: {clip}"
+
+
+def test_clip_colour_templates(clip_dir):
+    """ClipColour's class head is GenEval's: per colour, the 3 templates' normalised text
+    embeddings averaged and renormalised; the answer is the argmax over the 10 colours."""
+    cc = R.ClipColour(str(clip_dir))
+    head = cc._head("dog")
+    assert head.shape == (10, 8) and torch.allclose(head.norm(dim=-1), torch.ones(10), atol=1e-5)
+    texts = [t.format(c="orange", cls="dog") for t in cc.TEMPLATES]
+    assert texts == ["a photo of a orange dog", "a photo of a orange-colored dog", "a photo of a orange object"]
+    with torch.no_grad():
+        e = R._pooled(cc.model.get_text_features(**cc.processor(text=texts, padding=True, return_tensors="pt")))
+    want = torch.nn.functional.normalize(torch.nn.functional.normalize(e, dim=-1).mean(0), dim=-1)
+    torch.testing.assert_close(head[1], want, atol=1e-5, rtol=1e-5)
+    crops = list(np.random.default_rng(1).integers(0, 256, (4, 20, 30, 3), dtype=np.uint8))
+    got = cc(crops, "dog")
+    assert len(got) == 4 and set(got) <= set(R.GENEVAL_COLORS) and cc([], "dog") == []
+
+
+# ---- mask2former_detections --------------------------------------------------------
+def _rect_logits(r0, r1, c0, c1, inside=6.0, outside=-6.0, hw=(8, 8)):
+    m = np.full(hw, outside, np.float32)
+    m[r0:r1 + 1, c0:c1 + 1] = inside
+    return m
+
+
+def test_mask2former_detections_fabricated():
+    """5 queries x 4 classes (+ no-object), masks at 1/4 of 32 x 32. Class probabilities:
+    q0 dog .9987 (strong mask A), q3 "unicorn" .990 (not a COCO class: dropped), q4 dog .974 (empty
+    mask: dropped), q1 "mouse" .834 (weak mask: +0.4 inside), q2 "aeroplane" .649 (strong mask C).
+    top=5 keeps exactly these pairs; the airplane outranks the mouse on class prob x mask score."""
+    id2label = {0: "dog", 1: "mouse", 2: "aeroplane", 3: "unicorn"}
+    cls = np.zeros((5, 5), np.float32)
+    cls[0, 0], cls[1, 1], cls[2, 2], cls[3, 3], cls[4, 0] = 8, 3, 2, 6, 5
+    masks = np.stack([_rect_logits(2, 4, 1, 5), _rect_logits(0, 2, 0, 2, inside=0.4),
+                      _rect_logits(5, 7, 4, 7), _rect_logits(1, 6, 1, 6), np.full((8, 8), -6, np.float32)])
+    dets = R.mask2former_detections(torch.tensor(cls), torch.tensor(masks), (32, 32), id2label, top=5)
+    assert [d["class"] for d in dets] == ["dog", "airplane", "computer mouse"], [(d["class"], d["score"]) for d in dets]
+    # symmetric +-6 logits cross zero exactly on the 4x cell boundary: box = 4 x the cell rectangle
+    assert dets[0]["box"] == (4, 8, 24, 20) and dets[1]["box"] == (16, 20, 32, 32)
+    p = torch.softmax(torch.tensor(cls), -1)[:, :-1]
+    up = torch.nn.functional.interpolate(torch.tensor(masks)[None], size=(32, 32), mode="bilinear",
+                                         align_corners=False)[0].sigmoid()
+    for d, (q, c) in zip(dets, [(0, 0), (2, 2), (1, 1)]):
+        m = up[q] > 0.5
+        want = float(p[q, c] * up[q][m].mean())
+        assert abs(d["score"] - want) < 1e-5, (d["class"], d["score"], want)
+        assert d["mask"].dtype == bool and (d["mask"] == m.numpy()).all()
+        ys, xs = np.nonzero(d["mask"])
+        assert d["box"] == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    assert dets[0]["mask"].sum() == 20 * 12 - 4          # the box, less its 4 corner pixels (bilinear)
+    assert [d["class"] for d in R.mask2former_detections(cls, masks, (32, 32), id2label, top=3)] == ["dog"]
+    # string keys (a config read as JSON) and min_score
+    some = R.mask2former_detections(cls, masks, (32, 32), {str(k): v for k, v in id2label.items()}, min_score=0.7)
+    assert [d["class"] for d in some] == ["dog", "computer mouse"]
+
+
+# ---- geneval_rules -------------------------------------------------------------------
+def det(cls, score=0.95, box=(0, 0, 10, 10), colour="red"):
+    return {"class": cls, "score": score, "box": box, "colour": colour}
+
+
+class Colours:
+    """colour_of for hand-made detections: reads their "colour"; counts the calls."""
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, found):
+        self.calls.append([d["class"] for d in found])
+        return [d["colour"] for d in found]
+
+
+def rules(meta, dets, strict=True):
+    return R.geneval_rules(meta, dets, Colours(), strict)
+
+
+def test_geneval_single_and_two_object():
+    one = {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}
+    assert rules(one, [det("cat"), det("dog", 0.31)]) == 1.0
+    assert rules(one, [det("dog", 0.3), det("cat")]) == 0.0               # > 0.3 is required
+    two = {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "bench", "count": 1}]}
+    assert rules(two, [det("dog", 0.5), det("bench", 0.4)]) == 1.0
+    assert rules(two, [det("dog", 0.5), det("bench", 0.2)]) == 0.0
+    assert rules(two, [det("dog", 0.5)], strict=False) == 0.5
+
+
+def test_geneval_counting():
+    """Counting prompts keep detections > 0.9; the exclude (n + 1) makes it exactly n; at most 16
+    detections are kept per class."""
+    three = {"tag": "counting", "include": [{"class": "apple", "count": 3}],
+             "exclude": [{"class": "apple", "count": 4}], "prompt": "a photo of three apples"}
+    assert rules(three, [det("apple", 0.95)] * 3) == 1.0
+    assert rules(three, [det("apple", 0.95)] * 3 + [det("apple", 0.85)]) == 1.0   # 4th below 0.9
+    assert rules(three, [det("apple", 0.95)] * 2 + [det("apple", 0.85)]) == 0.0
+    assert rules(three, [det("apple", 0.95)] * 4) == 0.0
+    assert rules(three, [det("apple", 0.95)] * 4, strict=False) == 0.5
+    many = {"tag": "counting", "include": [{"class": "apple", "count": 16}], "exclude": [{"class": "apple", "count": 17}]}
+    assert rules(many, [det("apple")] * 20) == 1.0
+
+
+def test_geneval_colors_and_color_attr():
+    """Only the top `count` detections are judged: a correct weaker object does not rescue a
+    wrong stronger one; colour_of is asked only about detections that exist."""
+    red_car = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}
+    c = Colours()
+    assert R.geneval_rules(red_car, [det("car", 0.6, colour="red"), det("car", 0.9, colour="blue")], c) == 0.0
+    assert c.calls == [["car"]]
+    assert rules(red_car, [det("car", 0.9, colour="red"), det("car", 0.6, colour="blue")]) == 1.0
+    c = Colours()
+    assert R.geneval_rules(red_car, [det("bus")], c, strict=False) == 0.0 and c.calls == []
+    attr = {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"},
+                                             {"class": "bus", "count": 1, "color": "blue"}]}
+    assert rules(attr, [det("car", colour="red"), det("bus", colour="blue")]) == 1.0
+    assert rules(attr, [det("car", colour="blue"), det("bus", colour="red")]) == 0.0
+    assert rules(attr, [det("car", colour="red"), det("bus", colour="red")], strict=False) == 0.75
+
+
+def test_geneval_position():
+    """"a dog left of a cat": include [cat, dog with position ("left of", 0)], boxes (x0, y0, x1, y1)."""
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    cat, left, right = det("cat", box=(300, 200, 400, 300)), det("dog", box=(50, 210, 150, 310)), det("dog", box=(420, 200, 500, 300))
+    assert rules(meta, [cat, left]) == 1.0
+    assert rules(meta, [cat, right]) == 0.0
+    assert rules(meta, [cat, right], strict=False) == pytest.approx(2 / 3)
+    assert rules(meta, [left], strict=False) == pytest.approx(1 / 3)      # no cat: no target
+    # overlapping boxes: within GenEval's 0.1 x (sizes) slack, no relation holds
+    assert rules(meta, [cat, det("dog", box=(290, 200, 390, 300))]) == 0.0
+    # a reference group that failed its colour has no target either
+    meta2 = {"tag": "position", "include": [{"class": "cat", "count": 1, "color": "white"},
+                                            {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    assert rules(meta2, [cat, left]) == 0.0
+    assert rules(meta2, [det("cat", box=(300, 200, 400, 300), colour="white"), left]) == 1.0
+
+
+def test_colour_crops():
+    """GenEval's crops: grey #999999 outside the mask, cut to the box."""
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mask = np.zeros((40, 50), bool)
+    yy, xx = np.mgrid[:40, :50]
+    mask[(yy - 20) ** 2 + (xx - 25) ** 2 <= 64] = True                 # a disk, radius 8
+    crop, = R.colour_crops(img, [{"box": (17, 12, 34, 29), "mask": mask}])
+    assert crop.shape == (17, 17, 3) and crop.dtype == np.uint8
+    m = mask[12:29, 17:34]
+    assert (crop[~m] == 0x99).all() and (crop[m] == img[12:29, 17:34][m]).all() and m.sum() > 100
+
+
+# ---- GenEvalScorer --------------------------------------------------------------------
+def _square_image(rgb, box):
+    img = np.full((64, 64, 3), 200, np.uint8)
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = rgb
+    return img
+
+
+def test_geneval_scorer_injected():
+    """End to end with an injected detector (one object where the square is) and a colour callable
+    that sees the masked crops: a red square is "red", a blue one is not."""
+    box = (10, 20, 40, 50)
+
+    def detect(img):
+        mask = np.zeros(img.shape[:2], bool)
+        mask[20:50, 10:40] = True
+        return [{"class": "car", "score": 0.8, "box": box, "mask": mask}]
+
+    seen = []
+
+    def colour(crops, cls):
+        seen.append((cls, [c.shape for c in crops]))
+        return ["red" if c[..., 0].mean() > 128 else "blue" for c in crops]
+
+    imgs = np.stack([_square_image((230, 20, 20), box), _square_image((20, 20, 230), box)])
+    meta = {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"}
+    g = R.GenEvalScorer(detect=detect, colour=colour)
+    out = g(imgs, [meta, json.dumps(meta)])
+    assert out.dtype == np.float64 and list(out) == [1.0, 0.0], out
+    assert seen == [("car", [(30, 30, 3)])] * 2
+    with pytest.raises(ValueError):
+        g(imgs, [meta])
+
+
+def test_geneval_scorer_tiny_mask2former(tmp_path):
+    """The model path on a tiny random Mask2Former (no scipy: the training loss is not built):
+    the scorer's detections are mask2former_detections of a direct forward pass."""
+    from transformers import Mask2FormerConfig, Mask2FormerImageProcessor, SwinConfig
+    sw = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                    window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=sw, hidden_dim=32, mask_feature_size=32, feature_size=32,
+                            encoder_layers=1, decoder_layers=2, num_queries=6, encoder_feedforward_dim=32,
+                            dim_feedforward=32, num_attention_heads=2, use_pretrained_backbone=False,
+                            id2label={0: "dog", 1: "mouse", 2: "cat"}, label2id={"dog": 0, "mouse": 1, "cat": 2})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = R._mask2former()(cfg)
+    assert model.criterion is None
+    model.save_pretrained(tmp_path)
+    Mask2FormerImageProcessor().save_pretrained(tmp_path)
+    g = R.GenEvalScorer(str(tmp_path), colour=lambda crops, cls: ["red"] * len(crops), short_edge=64)
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    dets = g.detections(imgs)
+    inp = g.processor(images=list(imgs), return_tensors="pt", size={"shortest_edge": 64, "longest_edge": 1333})
+    assert inp["pixel_values"].shape == (2, 3, 64, 64)
+    with torch.no_grad():
+        res = g.model(**inp)
+    for k in range(2):
+        want = R.mask2former_detections(res.class_queries_logits[k], res.masks_queries_logits[k], (64, 64),
+                                         model.config.id2label, min_score=R.GENEVAL_THRESHOLD)
+        assert [(d["class"], d["box"]) for d in dets[k]] == [(d["class"], d["box"]) for d in want]
+        assert all(d["class"] in ("dog", "computer mouse", "cat") for d in dets[k])
+    meta = {"tag": "single_object", "include": [{"class": "dog", "count": 1}]}
+    assert set(g(imgs, [meta, meta])) <= {0.0, 1.0}
+
+
+def test_missing_model_is_one_line(monkeypatch):
+    """Offline, an id that is not in the hub cache -> S.CheckpointError, one line, naming the id
+    and the download command; nothing is tried on the network."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # read at import time
+    t = time.time()
+    for make in (lambda: R.PickScore("nobody/no-such-model"), lambda: R.ClipScore("nobody/no-such-model"),
+                 lambda: R.ClipColour("nobody/no-such-model"),
+                 lambda: R.GenEvalScorer("nobody/no-such-model", colour=lambda c, k: [])):
+        with pytest.raises(S.CheckpointError) as e:
+            make()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("nobody/no-such-model: the ") and \
+            msg.endswith("download it first: huggingface-cli download nobody/no-such-model"), msg
+    assert time.time() - t < 10, f"{time.time() - t:.1f} s: did it try the network?"
+
+
+# ---- OCR at 512 px ---------------------------------------------------------------------
+OCR_PROMPTS = Path(__file__).resolve().parent / "prompts" / "ocr"
+OCR_N = 32                    # texts rendered, spread over train.txt + test.txt
+OCR_FALLBACK = ["OPEN LATE", "Fresh Bread", "NO PARKING", "Exit", "Hello World", "Coffee Shop", "SALE 50% OFF",
+                "Welcome Home", "STOP", "Bookstore", "Pizza", "Happy Birthday", "Closed", "The End", "Danger",
+                "Pharmacy", "Good Morning", "Keep Calm", "Moonlight Cafe", "Vintage Records", "Hotel Paris",
+                "Bus Stop 42", "Ocean Drive", "Library", "Gas Station", "Taxi", "Free WiFi", "Fish Market",
+                "Night Owl", "Sunrise Bakery", "Route 66", "Please Do Not Disturb"]
+
+
+def render_text(text, res=512):
+    """Dark text centred on a light background, the largest font (72 px down to 24) that fits 85%
+    of the width; texts too long for one line at 48 px are wrapped at spaces."""
+    img = Image.new("RGB", (res, res), (235, 232, 225))
+    d = ImageDraw.Draw(img)
+    for size in range(72, 23, -4):
+        font, lines = ImageFont.load_default(size=size), [text]
+        if size <= 48 and d.textlength(text, font=font) > 0.85 * res:
+            lines = [""]
+            for w in text.split():
+                if lines[-1] and d.textlength(lines[-1] + " " + w, font=font) > 0.85 * res:
+                    lines.append(w)
+                else:
+                    lines[-1] = (lines[-1] + " " + w).strip()
+        if max(d.textlength(ln, font=font) for ln in lines) <= 0.85 * res:
+            break
+    d.multiline_text((res / 2, res / 2), "\n".join(lines), fill=(25, 25, 30), font=font, anchor="mm",
+                     align="center", spacing=size // 3)
+    return np.asarray(img)
+
+
+def test_ocr_reward_512px():
+    """rewards.ocr_reward at real scale (rapidocr detection + recognition): 32 of the OCR prompts'
+    quoted texts rendered at 512 x 512 score >= 0.95 on average, uniform noise <= 0.05.
+    Measured on 2 busy CPU cores: all 48 texts 0.997 (the lowest: "Room 404", read "Ro0m 404",
+    0.857), ~1.1 s an image; noise 0.000."""
+    files = [OCR_PROMPTS / "train.txt", OCR_PROMPTS / "test.txt"]
+    prompts = [ln.strip() for f in files if f.is_file() for ln in f.read_text().splitlines() if ln.strip()]
+    if len(prompts) < OCR_N:
+        prompts = [f'A sign that reads "{t}"' for t in OCR_FALLBACK]
+    prompts = [prompts[i] for i in np.linspace(0, len(prompts) - 1, OCR_N).round().astype(int)]  # ~1 s each
+    imgs = np.stack([render_text(R.ocr_target(p)) for p in prompts])
+    t = time.time()
+    s = R.ocr_reward(imgs, prompts)
+    dt = time.time() - t
+    worst = sorted(zip(s, prompts))[:3]
+    print(f"\nOCR 512 px: {len(prompts)} renders, mean {s.mean():.4f} in {dt:.1f} s "
+          f"({1000 * dt / len(prompts):.0f} ms an image); lowest {worst}")
+    assert s.mean() >= 0.95, f"mean {s.mean():.4f} on {len(prompts)} renders; lowest {worst}"
+    noise = np.random.default_rng(0).integers(0, 256, (4, 512, 512, 3), dtype=np.uint8)
+    n = R.ocr_reward(noise, prompts[:4])
+    print(f"OCR 512 px: uniform noise mean {n.mean():.4f}")
+    assert n.mean() <= 0.05, f"noise scores {n}"
+
+
+# ---- Stage 2's real-scale options: --bf16, --grad-checkpointing, --ema / --ema-every ----
+
+def _quick(tmp, teachers, **kw):
+    """A short run without the final evaluation (the options only change training)."""
+    return _dcfg(tmp, teachers, **{"eval_every": 0, "eval_n": 0, "eval_heldout_n": 0, **kw})
+
+
+def _peft_key(name):
+    """adapter_params name (...lora_A.student.weight) -> saved PEFT key (...lora_A.weight)."""
+    return name.replace(".student.", ".")
+
+
+def test_grad_checkpointing_same_lora_gradient(tiny_base, tiny_teachers):
+    """diffusers' gradient checkpointing on the PEFT-wrapped transformer gives the student's LoRA
+    the same gradient (float64) - which needs the student's adapter active again before backward:
+    the checkpointed blocks are recomputed there, after the teacher's pass switched adapters."""
+    from peft import LoraConfig
+    pol = S.Policy(str(tiny_base), dtype=F64)
+    pol.add_adapter("ocr", tiny_teachers[1])
+    pol.add_adapter("student", config=LoraConfig(r=4, lora_alpha=8, target_modules=S.LORA_TARGETS))
+    params = pol.adapter_params("student")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in params.values():                                  # B != 0, so A gets a gradient too
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=F64))
+    for p in params.values():
+        p.requires_grad_(True)
+    grid, ps = S.time_grid(4), R.TASKS["ocr"].train[:2]
+    cond = pol.encode(ps)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=F64)
+    calls = {"n": 0}
+    grads, losses = [], []
+    for ckpt in (False, True):
+        if ckpt:
+            pol.transformer.enable_gradient_checkpointing()
+            real = pol.transformer._gradient_checkpointing_func
+
+            def counting(*a, **k):
+                calls["n"] += 1
+                return real(*a, **k)
+            pol.transformer._gradient_checkpointing_func = counting
+        for p in params.values():
+            p.grad = None
+        losses.append(D.distill_task(pol, "ocr", 1.0, 3.0, cond, x, grid, 0.0, 3, 1 / 3, torch.Generator().manual_seed(7)))
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+    pol.transformer.disable_gradient_checkpointing()
+    assert calls["n"] >= 3, f"the checkpointed path ran {calls['n']} times (expected >= 1 per student step)"
+    assert losses[0] == losses[1], f"loss {losses[0]!r} vs {losses[1]!r} with checkpointing"
+    diff = max(float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0])
+    scale = max(float(v.abs().max()) for v in grads[0].values())
+    nz = sum(int(v.abs().sum() > 0) for v in grads[0].values())
+    assert nz >= len(grads[0]) // 2, f"only {nz} of {len(grads[0])} LoRA tensors got a gradient"
+    print(f"grad checkpointing: max |grad diff| {diff:.3e}, max |grad| {scale:.3e}, {nz}/{len(grads[0])} nonzero")
+    assert diff <= 1e-12 * scale, f"checkpointed gradient differs by {diff:.3e} (max |grad| {scale:.3e})"
+
+
+def _record_raw_weights(monkeypatch):
+    """Spy: the student's weights before training (first distill_task call) and after every
+    optimizer step (S.save_state is called once per round, after the step and the EMA update)."""
+    rec = {"init": None, "steps": [], "ema": []}
+    real_task, real_save = D.distill_task, S.save_state
+
+    def task_spy(policy, *a, **k):
+        if rec["init"] is None:
+            rec["init"] = {n: p.detach().clone() for n, p in policy.adapter_params("student").items()}
+        return real_task(policy, *a, **k)
+
+    def save_spy(prefix, tensors, *a, **k):
+        rec["steps"].append([t.detach().clone() for t in tensors["params"]])
+        rec["ema"].append([t.detach().clone() for t in tensors.get("ema", [])])
+        return real_save(prefix, tensors, *a, **k)
+    monkeypatch.setattr(D, "distill_task", task_spy)
+    monkeypatch.setattr(S, "save_state", save_spy)
+    return rec
+
+
+def test_ema_checkpoint_is_the_hand_computed_ema(tiny_teachers, tmp_path, monkeypatch):
+    """--ema 0.5 --ema-every 2, 4 rounds: e_0 = the initial LoRA, e = 0.5 e + 0.5 w after steps 2
+    and 4; the checkpoint holds e. The EMA does not change training: --ema 0 (same seed) follows
+    the same raw weights and saves the raw w_4."""
+    d, every, rounds = 0.5, 2, 4
+    rec = _record_raw_weights(monkeypatch)
+    D.run(_quick(tmp_path / "ema", tiny_teachers, rounds=rounds, ema=d, ema_every=every))
+    monkeypatch.undo()
+    names = list(rec["init"])
+    assert len(rec["steps"]) == rounds
+    e = [rec["init"][n] for n in names]
+    for s in range(1, rounds + 1):
+        if s % every == 0:
+            e = [d * ei + (1 - d) * wi for ei, wi in zip(e, rec["steps"][s - 1])]
+        if s == 1:                                                 # no update yet: still the initial weights
+            assert all(torch.equal(a, b) for a, b in zip(rec["ema"][0], [rec["init"][n] for n in names]))
+    saved = _student(tmp_path / "ema")
+    assert set(saved) == {_peft_key(n) for n in names}
+    worst = max(float((saved[_peft_key(n)] - ei).abs().max()) for n, ei in zip(names, e))
+    raw = rec["steps"][-1]
+    gap = max(float((ei - wi).abs().max()) for ei, wi in zip(e, raw))
+    print(f"EMA: saved vs hand {worst:.3e}, EMA vs raw {gap:.3e}")
+    assert gap > 1e-4, f"the EMA sits only {gap:.2e} from the raw weights: the test could not tell them apart"
+    assert worst <= 1e-6 * max(float(t.abs().max()) for t in e), \
+        f"saved checkpoint differs from the hand EMA by {worst:.3e} (EMA vs raw: {gap:.3e})"
+    meta = S.read_meta(tmp_path / "ema" / "checkpoint")
+    assert meta["trained"]["config"]["ema"] == d and meta["trained"]["config"]["ema_every"] == every, meta["trained"]
+    # --ema 0: the raw weights, bitwise; and the same raw trajectory as the EMA run
+    D.run(_quick(tmp_path / "raw", tiny_teachers, rounds=rounds))
+    plain = _student(tmp_path / "raw")
+    assert all(torch.equal(plain[_peft_key(n)], w) for n, w in zip(names, raw)), "--ema 0 did not save the raw weights"
+
+
+def test_distill_resume_with_ema_equals_uninterrupted(tiny_teachers, tmp_path, monkeypatch):
+    """Killed inside round 3 of 4 (the EMA updated once, after step 2), resumed: the EMA comes back
+    from the state and the saved student (the EMA, updated again after step 4) equals an
+    uninterrupted run's bitwise."""
+    kw = dict(rounds=4, ema=0.5, ema_every=2)
+    D.run(_quick(tmp_path / "a", tiny_teachers, **kw))
+    calls = {"n": 0}
+    real = D.distill_task
+
+    def dies_in_round_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3 * 2:                                     # 3 tasks per round
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(D, "distill_task", dies_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        D.run(_quick(tmp_path / "b", tiny_teachers, **kw))
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+    st = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert st["round"] == 2 and any(k.startswith("ema.") for k in load_file(str(tmp_path / "b" / st["tensors"])))
+    D.run(_quick(tmp_path / "b", tiny_teachers, **kw))
+    sa, sb = _student(tmp_path / "a"), _student(tmp_path / "b")
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert sa.keys() == sb.keys() and not differ, f"resumed EMA student differs in {len(differ)} tensors"
+
+
+def test_bf16_runs_and_its_kls_match_fp32(tiny_teachers, tmp_path, monkeypatch):
+    """--bf16 on CPU: 2 rounds run; round 0's per-task KLs (same start, prompts and noise) are
+    within 5% of the fp32 run's, yet not identical (the autocast did act); the LoRA master weights
+    in the resume state are still float32. With --grad-checkpointing added (through run(), under
+    autocast) the student is the same, bitwise."""
+    import torch.utils.checkpoint as C
+    calls, real = {}, C.checkpoint
+
+    def counting(*a, **k):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*a, **k)
+    monkeypatch.setattr(C, "checkpoint", counting)
+    for name, bf16, ckpt in (("fp32", False, False), ("bf16", True, False), ("bf16-gc", True, True)):
+        D.run(_quick(tmp_path / name, tiny_teachers, rounds=2, bf16=bf16, grad_checkpointing=ckpt))
+    monkeypatch.undo()
+    assert set(calls) == {"bf16-gc"}, f"checkpointed block calls per run: {calls}"
+    sa, sb = _student(tmp_path / "bf16"), _student(tmp_path / "bf16-gc")
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, f"--grad-checkpointing changed {len(differ)} student tensors under --bf16"
+    logs = {n: [json.loads(l) for l in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("fp32", "bf16")}
+    assert [r["round"] for r in logs["bf16"]] == [0, 1]
+    rel = {t: abs(logs["bf16"][0][f"kl_{t}"] / logs["fp32"][0][f"kl_{t}"] - 1) for t in R.TASKS}
+    msg = f"round-0 KL relative difference bf16 vs fp32: {rel}"
+    print(msg, {t: (logs["fp32"][0][f"kl_{t}"], logs["bf16"][0][f"kl_{t}"]) for t in R.TASKS})
+    assert max(rel.values()) < 0.05, msg
+    assert max(rel.values()) > 0, "bf16 KLs equal the fp32 ones bitwise: autocast had no effect; " + msg
+    from safetensors.torch import load_file
+    st = json.loads((tmp_path / "bf16" / "state.json").read_text())
+    dtypes = {v.dtype for k, v in load_file(str(tmp_path / "bf16" / st["tensors"])).items() if k.startswith("params.")}
+    assert dtypes == {torch.float32}, dtypes
+
+
+def test_option_help_lines():
+    h = " ".join(S.config_parser(D.DistillConfig, "x").format_help().split())
+    for flag in ("--bf16", "--grad-checkpointing", "--ema EMA", "--ema-every EMA_EVERY"):
+        assert flag in h, flag
+    assert "student EMA decay" in h and "(default: 0.0)" in h and "(default: 8)" in h
+
+
+@pytest.mark.parametrize("flag,value,words", [("--ema", "1.5", "[0, 1)"), ("--ema", "-0.1", ">= 0"),
+                                              ("--ema-every", "0", ">= 1")])
+def test_bad_ema_values_one_line_exit_2(tiny_teachers, tmp_path, flag, value, words):
+    out = tmp_path / "out"
+    r = _cli("distill.py", "--teachers", *tiny_teachers, "--out", out, "--rounds", "1", "--prompts", "2",
+             "--steps", "2", flag, value)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], \
+        (r.returncode, r.stderr[-2000:])
+    assert not out.exists()
+
+
+@pytest.fixture()
+def released(lora_ckpts, tmp_path):
+    """Three adapters in the released layout (no opd.json) plus ill-fitting variants of one."""
+    from safetensors.torch import load_file, save_file
+    rel = tmp_path / "released"
+    for name, src in (("GenEvalTeacher", "geneval"), ("OCRTeacher", "ocr"), ("AesTeacher", "ocr"),
+                      ("Targets", "ocr"), ("Rank", "ocr"), ("Width", "ocr")):
+        d = rel / name / "lora"
+        d.mkdir(parents=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(lora_ckpts[src] / f, d / f)
+    cfg = json.loads((rel / "Targets/lora/adapter_config.json").read_text())
+    (rel / "Targets/lora/adapter_config.json").write_text(json.dumps(cfg | {"target_modules": ["to_qkv_fused"]}))
+    (rel / "Rank/lora/adapter_config.json").write_text(json.dumps(cfg | {"r": 2 * cfg["r"]}))   # weights keep r
+    w = load_file(rel / "Width/lora/adapter_model.safetensors")                               # another base's width
+    save_file({k: torch.cat([v, v], 1) if "lora_A" in k else v for k, v in w.items()},
+              str(rel / "Width/lora/adapter_model.safetensors"))
+    return rel
+
+
+@pytest.mark.parametrize("case,words", [
+    ("lora targets", "does not fit this base"), ("lora rank", "does not fit this base"),
+    ("lora width", "does not fit this base"), ("hub id offline", "not available offline"),
+    ("empty prompt file", "no usable prompt line"), ("unknown task", "unknown task 'pickscore'"),
+    ("reward model missing", "not available"),
+])
+def test_real_scale_bad_input_one_line_exit_2(sd3_dir, released, tmp_path, case, words):
+    """Bad input at real scale - an adapter that does not fit the base (target modules, rank,
+    width), a hub id not available offline, a prompt file with no usable line, an unknown task
+    name, a reward model that is not there - ends with one line, exit 2, and no run folder."""
+    t = {k: f"{k}={released}/{d}/lora" for k, d in (("geneval", "GenEvalTeacher"), ("ocr", "OCRTeacher"),
+                                                     ("aesthetic", "AesTeacher"))}
+    base, extra = str(sd3_dir), ["--eval-n", "0", "--eval-heldout-n", "0", "--eval-every", "0"]
+    if case.startswith("lora"):
+        t["ocr"] = f"ocr={released}/{case.split()[1].title()}/lora"
+    elif case == "hub id offline":
+        base = "nobody/no-such-sd3"
+    elif case == "empty prompt file":
+        shutil.copytree(R.PROMPT_DIR, tmp_path / "p")
+        (tmp_path / "p" / "ocr" / "train.txt").write_text("\n  \n")
+        extra += ["--prompt-dir", tmp_path / "p"]
+    elif case == "unknown task":
+        t["aesthetic"] = t["aesthetic"].replace("aesthetic=", "pickscore=")
+    else:
+        extra = ["--eval-n", "4"]                                         # evaluating needs the reward models
+    r = _cli("distill.py", "--base", base, "--teachers", *t.values(), "--rounds", "1", "--prompts", "2",
+             "--steps", "2", "--rank", "4", "--alpha", "8", *extra, "--out", tmp_path / "run",
+             env={"HF_HUB_OFFLINE": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines and lines[-1].startswith("error:") and words in lines[-1], (case, r.stderr[-2000:])
+    assert not any(l.startswith("Traceback") for l in lines), r.stderr[-2000:]
+    assert not (tmp_path / "run").exists(), f"{case}: a run folder was left behind"
+
+
+def test_real_scale_evaluation_path(sd3_policy, monkeypatch):
+    """Evaluation on an SD3 base draws the prompt folder's prompts and hands the real scorers the
+    decoded images with GenEval's metadata records (geneval) or the prompts (PickScore); the
+    scorers' models are replaced by recorders here (their math is tested above)."""
+    seen = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, images, what, strict=True):
+            seen[self.name] = (images.shape, images.dtype, list(what))
+            return np.arange(len(what), dtype=np.float64)
+    monkeypatch.setattr(R, "_scorer", lambda cls: Recorder(cls.__name__))
+    real = R.tasks_for(sd3_policy.base_path)
+    sc = R.evaluate(sd3_policy, "geneval", 3, 1.0, split="test", table=real)
+    assert list(sc) == [0, 1, 2]
+    shape, dtype, metas = seen["GenEvalScorer"]
+    assert shape == (3, 16, 16, 3) and dtype == np.uint8
+    assert [m["prompt"] for m in metas] == real["geneval"].test[:3] and all("include" in m for m in metas)
+    R.evaluate(sd3_policy, "aesthetic", 2, 1.0, split="train", table=real)
+    assert seen["PickScore"][2] == real["aesthetic"].train[:2]
