@@ -19,12 +19,19 @@ that ties each task to its prompts (toy.py) and its scorer:
   * aesthetic- a deterministic 0-10 score standing in for the LAION predictor (see
                aesthetic_reward's docstring for the formula and its anchors).
 
+At real scale (an SD3 base; README, "Real scale") the same three task names take their prompts
+from a prompt folder (read_prompts; the example set prompts/, or write_geneval_prompts' output)
+and the paper's Sec. 9 rewards, in this process: GenEval's rules on Mask2Former detections with a
+CLIP colour classifier (GenEvalScorer), PP-OCR with detection (ocr_reward at 512 px), PickScore
+for the aesthetic task. tasks_for(base) picks the table.
+
 Below them, the evaluation protocol (README, "Evaluation"): evaluate / evaluate_checkpoint,
 the score cache keyed by cache_key (protocol + weights_hash + reward_version), the results
 JSON with the paper's Average, and the CLI that prints both tables:
 
     python rewards.py base ckpts/*                         # both tables, paired to the first folder
     python rewards.py base ckpts/* --export-scores         # also store them in the folders' scores.json
+    python rewards.py --geneval-prompts DIR --exclude prompts/geneval/test_metadata.jsonl   # GenEval training prompts
 
 Measured on 2 CPU cores (images of the 64-70 held-out prompts, one render each;
 `ground_truth_check()`, ~2 s): ground truth scores geneval 1.00, ocr 1.00; noise and blank
@@ -1067,6 +1074,9 @@ def cache_key(proto: dict, weights: str) -> str:
 def _cache_files(path: Path) -> tuple[Path, Path]:
     """(where cached scores are read first, where misses are written). A shipped checkpoint
     (base/, ckpts/) is never written by an evaluation: its misses go to runs/scores/."""
+    if not path.is_dir():                                      # a hub id: runs/scores/hub__owner__name.json
+        f = S.REPO / "runs" / "scores" / ("hub__" + str(path).replace("/", "__") + ".json")
+        return f, f
     own = path / "scores.json"
     if not S.shipped(path):
         return own, own
@@ -1234,8 +1244,8 @@ def main(argv=None):
         if not args.ckpts:
             raise S.CheckpointError("no checkpoints given; pass folders to evaluate (or --geneval-prompts DIR)")
         for c in args.ckpts:
-            if not Path(c).is_dir():
-                raise S.CheckpointError(f"{c}: no such checkpoint folder")
+            if not Path(c).is_dir() and (c.startswith((".", "/")) or c.count("/") != 1):
+                raise S.CheckpointError(f"{c}: no such checkpoint folder (and not a hub id like owner/name)")
             name = row_name(c)
             while name in per:
                 name += "'"

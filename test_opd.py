@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import string
+import copy
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench_distill as B
 import distill as D
 import rewards
 import rewards as R
@@ -2399,3 +2401,90 @@ def test_real_scale_evaluation_path(sd3_policy, monkeypatch):
     assert [m["prompt"] for m in metas] == real["geneval"].test[:3] and all("include" in m for m in metas)
     R.evaluate(sd3_policy, "aesthetic", 2, 1.0, split="train", table=real)
     assert seen["PickScore"][2] == real["aesthetic"].train[:2]
+
+
+def test_rewards_cli_hub_id_offline_one_line(tmp_path):
+    """rewards.py takes a hub id as a base; one not available offline is one line, exit 2, and no
+    folder named after it appears."""
+    r = _cli(REPO / "rewards.py", "nobody/no-such-sd3", "--n", "2", "--heldout-n", "0", cwd=tmp_path,
+             env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: nobody/no-such-sd3") and "offline" in lines[-1], r.stderr[-2000:]
+    assert not (tmp_path / "nobody").exists() and not any(tmp_path.iterdir())
+
+
+# ---- bench_distill.py at SD3.5-M's architecture (tiny on the CPU) and Policy.from_transformer ----
+
+def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
+    """`bench_distill.py --size tiny` on the CPU (SD3.5-M's architecture, 2 layers, random
+    weights): the JSON is printed and written (atomically: no .tmp left), every schedule has a
+    positive time, the ratios are the ones of those times, every batch a peak RSS from its own
+    child process above its after-build baseline, and K teacher adapters on one backbone take
+    less memory than K + 1 full transformers."""
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:                                                       # 1 thread: robust on a shared machine
+        res = B.main(["--size", "tiny", "--batches", "1,2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == res and not list(tmp_path.glob("*.tmp"))
+    assert json.loads(printed.split("\n\nSD3.5-M tiny")[0]) == res, printed[-500:]
+    assert res["size"] == "tiny" and res["device"] == "cpu" and res["teachers"] == 3 and res["cfg"] == 4.5
+    assert res["trained_steps"] == res["steps"] == 10 and res["lora"]["r"] == 32 and res["lora"]["alpha"] == 64
+    assert [r["batch"] for r in res["batches"]] == [1, 2] and res["torch_threads"] == 1
+    for r in res["batches"]:
+        assert not r["oom"]
+        for k in ("fused_s", "three_pass_s", "floor_s", "floor_student_fwd_bwd_step_s", "floor_teacher_fwd_step_s"):
+            assert r[k] > 0, (r["batch"], k, r[k])
+        assert r["floor_s"] == pytest.approx(10 * (r["floor_student_fwd_bwd_step_s"] + r["floor_teacher_fwd_step_s"]))
+        assert r["fused_over_floor"] == pytest.approx(r["fused_s"] / r["floor_s"])
+        assert r["three_pass_over_floor"] == pytest.approx(r["three_pass_s"] / r["floor_s"])
+        assert r["three_pass_over_fused"] == pytest.approx(r["three_pass_s"] / r["fused_s"])
+        # the two schedules do the same work: the same loss (random teachers: > 0)
+        assert r["kl_fused"] > 0 and r["kl_fused"] == pytest.approx(r["kl_three_pass"], rel=1e-4), r
+        assert 0 < r["pre_build_bytes"] <= r["baseline_bytes"] <= r["peak_bytes"], r
+    lay = res["layouts"]
+    assert lay["batch"] == 1 and lay["adapters"]["peak_bytes"] == res["batches"][0]["peak_bytes"]
+    assert lay["param_ratio"] < 0.5, f"adapters / {3} + 1 copies, parameter bytes: {lay['param_ratio']:.3f} (expected < 0.5)"
+    assert lay["peak_ratio"] < 1, f"adapters / copies, measured peak RSS above pre-build: {lay['peak_ratio']:.3f} (expected < 1)"
+    assert res["fit_80gb"] is None                              # full size on CUDA only
+
+
+def test_policy_from_transformer_velocity_equals_loaded_policy():
+    """Policy.from_transformer around the toy base's transformer gives the loaded Policy's
+    velocity exactly (CFG off, the base's CFG, 4.5), also with the same LoRA on both; its
+    defaults are SD3.5-M's shift 3 and the paper's CFG 4.5."""
+    from peft import LoraConfig
+    pol = S.Policy(str(REPO / "base"), device="cpu")
+    bare = S.Policy.from_transformer(copy.deepcopy(pol.transformer), shift=pol.shift, guidance=pol.guidance, device="cpu")
+    assert (bare.shift, bare.guidance) == (pol.shift, pol.guidance)
+    d = S.Policy.from_transformer(copy.deepcopy(pol.transformer))
+    assert (d.shift, d.guidance, d.dtype) == (3.0, 4.5, torch.float32) and d.vae is None and d.pipe is None
+    cond = pol.encode(["a red circle above a blue square", 'a sign that says "K7"'])
+    x = torch.randn(2, *pol.latent_shape(), generator=torch.Generator().manual_seed(0))
+    for g in (1.0, pol.guidance, 4.5):
+        assert torch.equal(bare.velocity(x, 0.7, cond, g), pol.velocity(x, 0.7, cond, g)), g
+    for p in (pol, bare):                                      # the same random LoRA on both
+        torch.manual_seed(1)
+        p.add_adapter("t", config=LoraConfig(r=4, lora_alpha=8, target_modules=S.LORA_TARGETS, init_lora_weights=False))
+        p.use("t")
+    v = pol.velocity(x, 0.7, cond)
+    assert torch.equal(bare.velocity(x, 0.7, cond, pol.guidance), v)
+    bare.use(None)
+    assert not torch.equal(bare.velocity(x, 0.7, cond, pol.guidance), v)   # the adapter did something
+
+
+@pytest.mark.parametrize("argv", [["--size", "huge"], ["--size", "tiny", "--batches", "0"],
+                                  ["--size", "tiny", "--batches", "1,x"], ["--size", "tiny", "--prompts", "4"],
+                                  ["--batches", "2"], ["--size", "tiny", "--fit-batch", "3"],
+                                  ["--size", "full", "--dtype", "fp16"], ["--repeats", "0"],
+                                  pytest.param(["--size", "full"], marks=pytest.mark.skipif(
+                                      torch.cuda.is_available(), reason="on a GPU --size full runs"))])
+def test_bench_bad_flags_one_line_exit_2(argv, capsys):
+    """A bad or misplaced flag: one line on stderr starting with 'error:', exit 2, nothing run."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        B.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (argv, e.value.code, err)
