@@ -1208,6 +1208,8 @@ def row_name(path: str) -> str:
     """A results row's name from a checkpoint's metadata: base, teacher <task>, student."""
     meta = S.read_meta(path) if Path(path).is_dir() else {}
     name = meta.get("role", "base") + (f" {meta['task']}" if meta.get("task") else "")
+    if meta.get("task") in ("joint", "cascade"):                # multi-task RL: say which algorithm
+        name += f" ({meta.get('trained', {}).get('algorithm', '?')})"
     if meta.get("role") == "student" and not meta.get("trained", {}).get("config", {}).get("balance", True):
         name += " (--no-balance)"
     return name

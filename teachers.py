@@ -1,4 +1,4 @@
-"""teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3, Stage 1).
+"""teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3), and the multi-task RL baselines (Sec. 8).
 
 Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward, never
 seeing the others (paper Sec. 6). Two algorithms, the ones the paper used:
@@ -24,6 +24,34 @@ time budget is spent, and opd.json records the iterations reached. Runs write
 runs/teacher-<task>/ and resume when re-run with the same flags; `--export` ships a finished
 run's checkpoint/.
 
+The paper's multi-task RL baselines (Sec. 8, Table 1), with the same loop (`train`):
+
+  * Joint RL ("multi-task GRPO-Guard", "multi-task NFT"): `--task geneval,ocr,aesthetic` (or
+    `all`) trains ONE adapter on all three. Iterations alternate the tasks in Stage 2's
+    round-robin order (toy.TASK_NAMES); a batch holds one task's prompts only, so its reward
+    and its group-normalised advantages (per prompt group) are that task's. One rollout CFG
+    serves every task: the base's for GRPO-Guard (the OCR / aesthetic teachers' CFG, not the
+    CFG-free GenEval teacher's), 1.0 for NFT (CFG-free, as the GenEval teacher).
+  * Cascade RL: `--cascade` trains the tasks one after another in the order given, one stage
+    each, a sub-run <out>/stage<k>-<task>/ that starts from the last stage's adapter (`--init
+    CKPT` does that for any run: the LoRA starts from an adapter checkpoint of the same base,
+    rank and alpha). `--iters` and `--minutes` are totals, split equally over the stages; a
+    re-run skips finished stages and resumes the unfinished one; the last stage's adapter is
+    the run's checkpoint/.
+
+    python teachers.py --task all --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 5000 \
+        --minutes 60 --eval-every 100                          # runs/teacher-joint-grpo-guard/
+    python teachers.py --task all --algo nft --iters 5000 --minutes 60 --eval-every 100    # runs/teacher-joint-nft/
+    python teachers.py --task all --cascade --algo nft --iters 5000 --minutes 60 \
+        --eval-every 100                                       # runs/teacher-cascade-nft/: 20 min a stage
+    python rewards.py base ckpts/* runs/teacher-joint-*/checkpoint runs/teacher-cascade-nft/checkpoint
+
+(60 min: about the three shipped teachers' 58 together; not yet run. A run saves its resume
+state at each --eval-every point, which evaluates every task of a joint run.) Their opd.json
+says role "teacher", task "joint" or "cascade", and "tasks" (a cascade's "trained" lists its
+stages with their minutes and iterations): rewards.py scores them on every task; distill.py
+refuses them as a teacher for one task (so --export refuses base/ and ckpts/ for them).
+
 Deliberate deviations from the papers (all for a 2-core CPU budget)
   1. Toy sizes: 4 prompts x 8 images per iteration (Flow-GRPO: 24 per group, 48 GPUs), 10
      rollout steps, LoRA r 32 / alpha 64 on the attention projections (as the paper).
@@ -44,6 +72,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,12 +87,14 @@ import sampler as S
 
 @dataclasses.dataclass
 class TeacherConfig:
-    task: str = "ocr"                 # which task's prompts and reward  [in geneval|ocr|aesthetic]
+    task: str = "ocr"                 # which task's prompts and reward (geneval|ocr|aesthetic); a comma list or all: several, jointly or --cascade
     algo: str = "grpo-guard"          # the RL algorithm  [in grpo-guard|flow-grpo|nft]
     base: str = "base"                # the base checkpoint the adapter sits on
-    out: str = ""                     # run folder (default runs/teacher-<task>); re-running resumes it
-    iters: int = 150                  # RL iterations (one rollout batch each)  [>= 1]
-    minutes: float = 0.0              # also stop after this many minutes of training (0: no limit)  [>= 0]
+    out: str = ""                     # run folder (default runs/teacher-<task>, runs/teacher-joint|cascade-<algo>); re-running resumes it
+    init: str = ""                    # start the LoRA from this adapter checkpoint (same base, rank, alpha), not a fresh one
+    cascade: bool = False             # several tasks one after another, each stage from the last one's adapter (cascade RL)
+    iters: int = 150                  # RL iterations (one rollout batch each; --cascade: in all, split equally over the stages)  [>= 1]
+    minutes: float = 0.0              # also stop after this many minutes of training (0: no limit; --cascade: in all, split equally)  [>= 0]
     prompts: int = 4                  # distinct prompts per iteration  [>= 1]
     group: int = 8                    # images per prompt (GRPO group; NFT uses the same)  [>= 2]
     steps: int = 10                   # rollout grid steps (training); evaluation uses 40  [>= 1]
@@ -86,6 +118,78 @@ class TeacherConfig:
     seed: int = 0                     # seeds prompts, rollout noise and re-noising
     fresh: bool = False               # delete --out (a teachers run folder only) and start over
     export: str = ""                  # after training, copy checkpoint/ here (e.g. ckpts/ocr)
+
+
+MULTITASK = ("joint", "cascade")      # opd.json "task" of an adapter trained on several tasks (role stays "teacher")
+
+
+def task_list(spec: str, cascade: bool = False) -> list[str]:
+    """--task -> task names: one, a comma list or "all". Jointly trained tasks take Stage 2's
+    round-robin order (toy.TASK_NAMES); a cascade keeps the order given. ValueError otherwise."""
+    names = list(R.toy.TASK_NAMES) if spec.strip() == "all" else [t.strip() for t in spec.split(",")]
+    bad = [t for t in names if t not in R.TASKS]
+    if bad:
+        raise ValueError(f"{spec!r}: unknown task {bad[0]!r}; pass {'|'.join(R.TASKS)}, a comma list of them, or all")
+    if len(set(names)) < len(names):
+        raise ValueError(f"{spec!r}: a task named twice")
+    return names if cascade else [t for t in R.toy.TASK_NAMES if t in names]
+
+
+def trained_tasks(meta: dict) -> list[str]:
+    """The tasks an adapter checkpoint was trained on, from its opd.json."""
+    if meta.get("tasks"):
+        return list(meta["tasks"])
+    if meta.get("task") in R.TASKS:
+        return [meta["task"]]
+    return list(meta.get("teachers") or R.TASKS)               # a student: its teachers' tasks
+
+
+def check_init(cfg) -> list[str]:
+    """--init: an adapter checkpoint of ours on THIS run's base (resolved path and hash) with this
+    run's LoRA shape; returns the tasks it was trained on. Anything else: CheckpointError."""
+    p = Path(cfg.init)
+    meta = S.read_meta(p) if p.is_dir() else {}
+    if meta.get("role") not in ("teacher", "student") or not (p / "adapter_config.json").is_file():
+        raise S.CheckpointError(f"--init {p}: not an adapter checkpoint of ours (a teacher or student folder with "
+                                f"{S.META} and adapter_config.json)")
+    where = lambda b: str(Path(b).resolve()) if Path(b).is_dir() else b
+    theirs = (where(S.resolve_base(p, meta)), meta["base"].get("hash"))
+    mine = (where(cfg.base), S.content_hash(cfg.base) if Path(cfg.base).is_dir() else None)
+    if theirs != mine:
+        raise S.CheckpointError(f"--init {p}: it sits on the base {theirs[0]} (hash {theirs[1]}), this run on --base "
+                                f"{cfg.base} = {mine[0]} (hash {mine[1]}); start from an adapter of this run's base")
+    ac = json.loads((p / "adapter_config.json").read_text())
+    if (ac.get("r"), ac.get("lora_alpha"), sorted(ac.get("target_modules") or [])) != \
+            (cfg.rank, cfg.alpha, sorted(S.LORA_TARGETS)):
+        raise S.CheckpointError(f"--init {p}: a LoRA of rank {ac.get('r')}, alpha {ac.get('lora_alpha')}, this run's "
+                                f"--rank {cfg.rank} --alpha {cfg.alpha}; pass the checkpoint's rank and alpha")
+    return trained_tasks(meta)
+
+
+def load_init(policy, name: str, ckpt: str) -> None:
+    """Copy a saved adapter's weights (PEFT format) into the fresh adapter `name`."""
+    from safetensors.torch import load_file
+    try:
+        sd = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
+    except Exception as e:                                     # missing, truncated, corrupt
+        raise S.CheckpointError(f"--init {ckpt}: unreadable adapter_model.safetensors ({e})") from None
+    mine = {k.replace(f".{name}.", "."): v for k, v in policy.adapter_params(name).items()}
+    if set(mine) != set(sd) or any(sd[k].shape != v.shape for k, v in mine.items()):
+        raise S.CheckpointError(f"--init {ckpt}: its adapter does not fit this run's LoRA (other layers or shapes)")
+    with torch.no_grad():
+        for k, v in mine.items():
+            v.copy_(sd[k])
+
+
+def run_config(cfg, tasks: list[str]) -> dict:
+    """The run's config as open_run compares it on a resume. --init / --cascade are left out at
+    their defaults (so run folders from before they existed still resume); --init is recorded
+    with the hash of its weights."""
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in ("init", "cascade") and not v)}
+    if cfg.init:
+        conf["init"] = {"path": cfg.init, "weights": R.weights_hash(cfg.init)}
+    return conf | {"base": {"path": str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base,
+                            "weights": R.weights_hash(cfg.base)}, "tasks": tasks}
 
 
 def lora_config(cfg):
@@ -133,26 +237,34 @@ def nft_loss(v_theta, v_old, x_t, t, x_data, r, strength):
 
 
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
-    """The RL loop. `tasks` (default [cfg.task]) rotates round-robin, one task per iteration,
-    so joint/cascade multi-task baselines can share this loop."""
+    """The RL loop. `tasks` (default: parsed from cfg.task) rotates round-robin, one task per
+    iteration: a batch holds one task's prompts, so its rewards and group advantages are that
+    task's (joint multi-task RL). cfg.cascade runs `cascade` instead, whose stages call this."""
     from tqdm import tqdm
-    tasks = tasks or [cfg.task]
+    if tasks is None:
+        try:
+            tasks = task_list(cfg.task, cfg.cascade)
+        except ValueError as e:
+            raise S.CheckpointError(f"--task {e}") from None
     for t in tasks:
         if t not in R.TASKS:
             raise S.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
-    out = Path(cfg.out or f"runs/teacher-{cfg.task}")
+    if cfg.cascade:
+        return cascade(cfg, tasks)
+    init_tasks = check_init(cfg) if cfg.init else []           # before anything is written
+    out = Path(cfg.out or (f"runs/teacher-{tasks[0]}" if len(tasks) == 1 else f"runs/teacher-joint-{cfg.algo}"))
     ckpt = out / "checkpoint"
-    conf = dataclasses.asdict(cfg) | {"base": {"path": str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir()
-                                               else cfg.base, "weights": R.weights_hash(cfg.base)},
-                                      "tasks": tasks}
+    conf = run_config(cfg, tasks)
     if S.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / S.META).is_file():
         print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
         return ckpt
     torch.manual_seed(cfg.seed)
     policy = S.Policy(cfg.base)
     nft = cfg.algo == "nft"
-    g = (1.0 if nft else policy.guidance) if cfg.cfg < 0 else cfg.cfg
+    g = (1.0 if nft else policy.guidance) if cfg.cfg < 0 else cfg.cfg   # one CFG for every task of a joint run
     policy.add_adapter("teacher", config=lora_config(cfg))
+    if cfg.init:                                               # a cascade stage / --init: not a fresh LoRA
+        load_init(policy, "teacher", cfg.init)
     params = list(policy.adapter_params("teacher").values())
     if nft:                                                    # the old policy: a second adapter
         policy.add_adapter("old", config=lora_config(cfg))
@@ -255,26 +367,89 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
                     o.lerp_(p, 1 - d)
         rec["time_s"] = round(time.time() - t0, 1)
         if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
-            rec[f"eval_{task.name}"] = float(R.evaluate(policy, task.name, cfg.eval_small, guidance=g).mean())
+            for name in tasks:                                 # every task of a joint run
+                rec[f"eval_{name}"] = float(R.evaluate(policy, name, cfg.eval_small, guidance=g).mean())
             S.save_state(out / "state", state, opt, {"iter": it + 1, "elapsed_s": before + time.time() - t0})
         log.write(json.dumps(rec) + "\n"); log.flush()
     # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
-    meta = {"role": "teacher", "task": cfg.task, "cfg": g,
+    # trained on one task: a teacher of that task; on several: task "joint" (this run) or
+    # "cascade" (--init from another task's adapter), which distill.py refuses as a teacher
+    seen = list(dict.fromkeys(init_tasks + tasks))
+    label = seen[0] if len(seen) == 1 else "joint" if len(tasks) > 1 else "cascade"
+    meta = {"role": "teacher", "task": label} | ({"tasks": seen} if label in MULTITASK else {}) | {"cfg": g,
             "trained": {"algorithm": cfg.algo, "minutes": round((before + time.time() - t0) / 60, 2), "iterations": done,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}
                         | {"rollout_cfg": g}}}
     policy.save_adapter("teacher", ckpt, meta)
+    final_eval(cfg, ckpt, meta, f"teacher {label} ({cfg.algo})")
+    return ckpt
+
+
+def final_eval(cfg, ckpt: Path, meta: dict, what: str) -> None:
+    """--eval-n > 0: the protocol on every task (both tables), the primary means into opd.json."""
     if cfg.eval_n > 0:
         per = R.evaluate_checkpoint(str(ckpt), cfg.eval_n, cfg.eval_heldout_n)
         meta["scores"] = {k: float(np.mean(v)) for k, v in per["train"].items()} | {"n": cfg.eval_n}
         S.write_json_atomic(ckpt / S.META, meta | {"base": S.read_meta(ckpt)["base"]})
-    print(f"teacher {cfg.task} ({cfg.algo}) in {meta['trained']['minutes']} min: {meta.get('scores', 'not evaluated (--eval-n 0)')}")
+    print(f"{what} in {meta['trained']['minutes']} min: {meta.get('scores', 'not evaluated (--eval-n 0)')}")
+
+
+def cascade(cfg: TeacherConfig, tasks: list[str]) -> Path:
+    """Cascade RL (paper Sec. 8, Table 1): one `train` stage per task in the order given, stage k
+    starting from stage k-1's adapter (stage 1 from --init, or fresh); --iters and --minutes are
+    totals, split equally. Stages are sub-run folders <out>/stage<k>-<task>/: a re-run skips the
+    finished ones and resumes the unfinished one. The final checkpoint is the last stage's."""
+    n = len(tasks)
+    if n < 2:
+        raise S.CheckpointError(f"--cascade needs two or more tasks (--task geneval,ocr,aesthetic or all), got {tasks}")
+    if cfg.iters < n:
+        raise S.CheckpointError(f"--cascade: --iters {cfg.iters} is the total over {n} stages; pass at least {n}")
+    if cfg.init:
+        check_init(cfg)
+    out = Path(cfg.out or f"runs/teacher-cascade-{cfg.algo}")
+    ckpt = out / "checkpoint"
+    conf = run_config(cfg, tasks)
+    if S.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / S.META).is_file():
+        print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
+        return ckpt
+    init, stages = cfg.init, []
+    for k, task in enumerate(tasks):
+        sub = dataclasses.replace(cfg, task=task, cascade=False, init=init, out=str(out / f"stage{k + 1}-{task}"),
+                                  iters=cfg.iters // n + (k < cfg.iters % n), minutes=cfg.minutes / n,
+                                  eval_n=0, fresh=False, export="")
+        print(f"cascade stage {k + 1}/{n}: {task}, from {init or 'a fresh LoRA'}, at most {sub.iters} iterations"
+              + (f", {sub.minutes:.2f} min" if cfg.minutes else ""))
+        last = train(sub)
+        tr = S.read_meta(last)["trained"]
+        stages.append({"task": task, "run": Path(sub.out).name, "minutes": tr["minutes"], "iterations": tr["iterations"]})
+        init = str(last)
+    # ---- the last stage's adapter, as this run's checkpoint (base path re-pointed, one rename) ----
+    meta = S.read_meta(last)
+    meta["trained"] = {"algorithm": cfg.algo, "minutes": round(sum(s["minutes"] for s in stages), 2),
+                       "iterations": sum(s["iterations"] for s in stages), "stages": stages,
+                       "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}}
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last, tmp, ignore=shutil.ignore_patterns("*.tmp", "scores.json"))
+    if Path(last, meta["base"]["path"]).is_dir():
+        meta["base"]["path"] = os.path.relpath(Path(last, meta["base"]["path"]).resolve(), ckpt.resolve())
+    S.write_json_atomic(tmp / S.META, meta)
+    S.replace_dir(tmp, ckpt)
+    final_eval(cfg, ckpt, meta, f"cascade {' -> '.join(tasks)} ({cfg.algo})")
     return ckpt
 
 
 def main(argv=None):
-    cfg = TeacherConfig(**vars(S.config_parser(TeacherConfig, __doc__.split("\n")[0]).parse_args(argv)))
+    ap = S.config_parser(TeacherConfig, __doc__.split("\n")[0])
+    cfg = TeacherConfig(**vars(ap.parse_args(argv)))
     try:
+        several = cfg.cascade or len(task_list(cfg.task)) > 1
+    except ValueError as e:
+        ap.error(f"argument --task: {e}")                      # one line, exit 2
+    try:
+        if several and cfg.export and S.shipped(cfg.export):   # checked before training, not after
+            raise S.CheckpointError(f"--export {cfg.export}: a multi-task checkpoint is no teacher for base/ or ckpts/ "
+                                    "(distill.py's default teachers are ckpts/*); export it elsewhere")
         ckpt = train(cfg)
         if cfg.export:
             S.export_checkpoint(ckpt, cfg.export)

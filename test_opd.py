@@ -10,6 +10,7 @@ evaluation protocol and results table  6. Stage 1 (teachers.py)  7. Stage 2 (dis
 Properties of trained models are asserted with the threshold and the measured value in the message.
 """
 from pathlib import Path
+import dataclasses
 import json
 import math
 import os
@@ -2488,3 +2489,185 @@ def test_bench_bad_flags_one_line_exit_2(argv, capsys):
         B.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (argv, e.value.code, err)
+
+
+# ---- multi-task RL baselines (teachers.py): joint GRPO-Guard / NFT, cascade, --init ----
+TINY = dict(prompts=2, group=2, steps=2, eval_every=0, eval_n=0, eval_heldout_n=0, rank=4, alpha=8)
+
+
+def _cfg(base, out, **kw):
+    return T.TeacherConfig(base=str(base), out=str(out), **(TINY | kw))
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _argv(base, out, *extra):
+    return ["--base", str(base), "--out", str(out), "--prompts", "2", "--group", "2", "--steps", "2",
+            "--eval-every", "0", "--eval-n", "0", "--eval-heldout-n", "0", "--rank", "4", "--alpha", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def joint_nft(tiny_base, tmp_path_factory):
+    """A joint NFT run over all three tasks, with a tiny final evaluation."""
+    out = tmp_path_factory.mktemp("joint") / "nft"
+    return out, T.train(_cfg(tiny_base, out, task="all", algo="nft", iters=3, eval_n=2))
+
+
+def test_joint_grpo_guard_round_robin(tiny_base, tmp_path, monkeypatch):
+    """--task ocr,aesthetic,geneval (any order): ONE adapter; iterations visit the tasks in Stage 2's
+    round-robin order (toy.TASK_NAMES), each batch only its own task's prompts and reward; rollouts
+    at the base's CFG; opd.json: role teacher, task joint, its tasks; loads as a Policy."""
+    seen = []
+    for name, task in R.TASKS.items():
+        def spy(imgs, prompts, strict=True, _t=task):
+            seen.append((_t.name, list(prompts)))
+            return _t.reward(imgs, prompts, strict=strict)
+        monkeypatch.setitem(R.TASKS, name, dataclasses.replace(task, reward=spy))
+    out = tmp_path / "run"
+    ck = T.train(_cfg(tiny_base, out, task="ocr,aesthetic,geneval", algo="grpo-guard", iters=4))
+    log = _log(out)
+    assert [r["task"] for r in log] == ["geneval", "ocr", "aesthetic", "geneval"], log
+    assert all(math.isfinite(r["reward"]) for r in log)
+    assert [t for t, _ in seen] == [r["task"] for r in log]
+    for t, prompts in seen:                                    # one task's prompts per batch, in groups of 2
+        assert set(prompts) <= set(R.TASKS[t].train) and prompts[0::2] == prompts[1::2], (t, prompts)
+    meta = S.read_meta(ck)
+    assert meta["role"] == "teacher" and meta["task"] == "joint" and meta["tasks"] == list(R.toy.TASK_NAMES)
+    assert meta["cfg"] == S.read_meta(tiny_base)["cfg"] and meta["trained"]["iterations"] == 4
+    assert json.loads((out / "config.json").read_text())["tasks"] == list(R.toy.TASK_NAMES)
+    pol = S.Policy(str(ck))
+    assert pol.active == "joint" and pol.guidance == meta["cfg"]
+    assert R.row_name(str(ck)) == "teacher joint (grpo-guard)"
+
+
+def test_joint_nft_runs_and_scores_every_task(joint_nft):
+    """--task all --algo nft: CFG-free (1.0) for every task, its final evaluation scores all three."""
+    out, ck = joint_nft
+    assert [r["task"] for r in _log(out)] == list(R.toy.TASK_NAMES)
+    meta = S.read_meta(ck)
+    assert meta["task"] == "joint" and meta["cfg"] == 1.0 and meta["trained"]["algorithm"] == "nft"
+    assert set(meta["scores"]) == set(R.TASKS) | {"n"}
+    per = R.evaluate_checkpoint(str(ck), 2, 0)                 # the same protocol, from its cache
+    assert set(per["train"]) == set(R.TASKS)
+
+
+def test_cascade_stages_chain_resume_and_finish(tiny_base, tmp_path, monkeypatch, capsys):
+    """--cascade over 3 tasks: stage k starts from stage k-1's final LoRA (the weights the
+    optimizer receives equal the last stage's trained ones, not a fresh LoRA); --iters is split
+    equally; a run killed in stage 2 resumes there (stage 1 is not retrained); the final
+    checkpoint is stage 3's adapter with a cascade opd.json; a finished cascade re-run does nothing."""
+    real, opts = torch.optim.AdamW, []
+
+    def spy(params, *a, **k):
+        params = list(params)
+        opts.append((params, [p.detach().clone() for p in params]))
+        if len(opts) == 2 and not spy.resumed:
+            raise KeyboardInterrupt                            # killed as stage 2 starts
+        return real(params, *a, **k)
+    spy.resumed = False
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    out = tmp_path / "cascade"
+    argv = _argv(tiny_base, out, "--task", "geneval,ocr,aesthetic", "--cascade", "--algo", "nft", "--iters", "3")
+    with pytest.raises(KeyboardInterrupt):
+        T.main(argv)
+    assert (out / "stage1-geneval" / "checkpoint" / S.META).is_file()
+    spy.resumed = True
+    stage1 = _tree(out / "stage1-geneval")
+    T.main(argv)                                               # resumes: stages 2 and 3 only
+    assert len(opts) == 4 and _tree(out / "stage1-geneval") == stage1
+    (s1_final, s1_init), s2_init = (opts[0][0], opts[0][1]), opts[2][1]
+    assert any(not torch.equal(a.detach(), b) for a, b in zip(s1_final, s1_init)), "stage 1 did not train"
+    assert all(torch.equal(a.detach(), b) for a, b in zip(s1_final, s2_init)), "stage 2 did not start from stage 1"
+    assert all(torch.equal(a.detach(), b) for a, b in zip(s1_final, opts[1][1]))      # the killed attempt too
+    assert all(float(b.abs().sum()) == 0 for b in s1_init[1::2])     # stage 1: a fresh LoRA (every lora_B is 0)
+    ck = out / "checkpoint"
+    assert (ck / "adapter_model.safetensors").read_bytes() == \
+        (out / "stage3-aesthetic" / "checkpoint" / "adapter_model.safetensors").read_bytes()
+    meta = S.read_meta(ck)
+    assert meta["role"] == "teacher" and meta["task"] == "cascade" and meta["tasks"] == ["geneval", "ocr", "aesthetic"]
+    st = meta["trained"]["stages"]
+    assert [s["task"] for s in st] == meta["tasks"] and [s["iterations"] for s in st] == [1, 1, 1]
+    assert all("minutes" in s for s in st) and meta["trained"]["iterations"] == 3
+    assert [S.read_meta(out / s["run"] / "checkpoint")["task"] for s in st] == ["geneval", "cascade", "cascade"]
+    assert S.settings(ck)["base"] == str(tiny_base.resolve()) and S.Policy(str(ck)).active == "cascade"
+    before = _tree(out)
+    capsys.readouterr()
+    T.main(argv)                                               # finished: nothing new
+    assert "is finished" in capsys.readouterr().out and _tree(out) == before and len(opts) == 4
+
+
+def test_cascade_splits_minutes_into_equal_parts(tiny_base, tmp_path, monkeypatch):
+    """--minutes is the cascade's total: each stage runs under a third of it."""
+    calls = []
+    real = T.train
+    monkeypatch.setattr(T, "train", lambda cfg, tasks=None: calls.append(cfg) or real(cfg, tasks))
+    T.train(_cfg(tiny_base, tmp_path / "c", task="all", cascade=True, algo="nft", iters=4, minutes=3.0))
+    assert [(c.task, c.minutes, c.iters, c.cascade) for c in calls[1:]] == \
+        [("geneval", 1.0, 2, False), ("ocr", 1.0, 1, False), ("aesthetic", 1.0, 1, False)]
+
+
+@pytest.mark.parametrize("case", ["other_base", "other_rank"])
+def test_init_refusals_one_line_exit_2(case, tiny_base, tmp_path, capsys):
+    """--init from an adapter of another base (resolved path + hash) or another LoRA shape: one
+    line, exit 2, nothing written."""
+    if case == "other_base":
+        other = tmp_path / "other_base"
+        shutil.copytree(tiny_base, other)
+        ck = _make_teacher(other, tmp_path / "t", "ocr", 0, rank=4)
+    else:
+        ck = _make_teacher(tiny_base, tmp_path / "t", "ocr", 0, rank=2)
+    out = tmp_path / "run"
+    msg = _refused(capsys, T.main, _argv(tiny_base, out, "--task", "ocr", "--iters", "2", "--init", str(ck)))
+    assert "--init" in msg and ("base" in msg if case == "other_base" else "rank" in msg), msg
+    assert not out.exists()
+
+
+def test_init_same_base_continues_a_teacher(tiny_base, tmp_path):
+    """--init from a same-task teacher of the same base: still a teacher of that task, from its weights."""
+    ck = _make_teacher(tiny_base, tmp_path / "t", "ocr", 0, rank=4)
+    got = T.train(_cfg(tiny_base, tmp_path / "run", task="ocr", iters=1, init=str(ck)))
+    meta = S.read_meta(got)
+    assert meta["task"] == "ocr" and "tasks" not in meta and meta["trained"]["config"]["init"]["path"] == str(ck)
+    got2 = T.train(_cfg(tiny_base, tmp_path / "run2", task="geneval", iters=1, init=str(ck)))
+    assert S.read_meta(got2)["task"] == "cascade" and S.read_meta(got2)["tasks"] == ["ocr", "geneval"]
+
+
+def test_distill_refuses_a_joint_checkpoint(joint_nft, tmp_path, capsys):
+    """A multi-task checkpoint is no teacher for one task: distill.py says so in one line, exit 2,
+    both as a folder and as TASK=PATH."""
+    _, ck = joint_nft
+    for entry in (str(ck), f"geneval={ck}"):
+        out = tmp_path / "d"
+        msg = _refused(capsys, D.main, ["--teachers", entry, "--out", str(out), "--rounds", "1"])
+        assert "joint" in msg, msg
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("task", ["nonsense", "geneval,bogus", "ocr,ocr", ""])
+def test_bad_task_one_line_exit_2(task, tmp_path, capsys):
+    msg = _refused(capsys, T.main, ["--task", task, "--out", str(tmp_path / "run")])
+    assert "--task" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_cascade_needs_several_tasks(tiny_base, tmp_path, capsys):
+    msg = _refused(capsys, T.main, _argv(tiny_base, tmp_path / "run", "--task", "ocr", "--cascade"))
+    assert "--cascade" in msg and not (tmp_path / "run").exists(), msg
+
+
+def test_single_task_run_config_unchanged(tiny_base):
+    """A single-task run's config (what a resume compares) has no new keys at the new flags' defaults."""
+    conf = T.run_config(T.TeacherConfig(base=str(tiny_base)), ["ocr"])
+    assert "init" not in conf and "cascade" not in conf and conf["tasks"] == ["ocr"]
+
+
+@pytest.mark.parametrize("extra", [["--task", "all"], ["--task", "geneval,ocr", "--cascade"]])
+def test_multitask_export_into_ckpts_refused_up_front(extra, tiny_base, tmp_path, capsys):
+    """distill.py's default teachers are ckpts/*: a multi-task run may not export there (checked
+    before any training; nothing written)."""
+    before = _tree(S.REPO / "ckpts")
+    msg = _refused(capsys, T.main, _argv(tiny_base, tmp_path / "run", *extra, "--export", str(S.REPO / "ckpts" / "joint")))
+    assert "--export" in msg and not (tmp_path / "run").exists(), msg
+    assert _tree(S.REPO / "ckpts") == before
