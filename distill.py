@@ -8,6 +8,33 @@ covariance (sampler.step_kl): Eq. 12 for the default ODE rollouts (a = 0), Eq. 1
     python distill.py --teachers ckpts/*        # the main job: 12.6 min on 2 cores -> runs/distill/
     python distill.py                           # the same (every folder in ckpts/ is a teacher)
     torchrun --nproc_per_node 2 distill.py      # data parallel: one process per GPU (NCCL), or per CPU process (gloo)
+    python distill.py --noise-level 0.7 --estimator ppo --probe-every 5 --out runs/distill-ppo   # Sec. 3.3 ablation
+    python distill.py --noise-level 0.7 --probe-every 5 --out runs/distill-a0.7   # noise-level study: probe_kl_* compare
+    python distill.py --objective sft --out runs/distill-sft   # the off-policy SFT baseline (below)
+
+--objective sft is the paper's off-policy baseline of its ablation "distillation objective"
+(same teachers, prompts and budget): each round, per task, the TEACHER samples the round's
+prompts from the round's initial noise (its ODE down the same grid, its own CFG; the student
+never rolls out: `teacher_samples`), and the student is trained by flow matching on those clean
+images (`sft_task`): x_t = (1 - t) x_data + t eps, loss = mean ||v_S(x_t, t) - (eps - x_data)||^2
+with v_S the student's velocity under ITS CFG (--cfg: what it samples and is evaluated with;
+--cfg 1 gives the plain conditional SFT), t uniform within a uniformly drawn trained grid step
+(U(0, 1) on a shift-1 grid; at shift 3 a piecewise-linear shift(U), the sampler's time density).
+Tasks are plainly averaged (--balance does nothing: there is no per-task KL), one optimizer step
+per round; the log has sft_loss_<task> instead of kl_<task>. Teacher samples are ODE only
+(--noise-level > 0 is refused).
+
+--estimator (the paper's Sec. 3.3, Eq. 16-23: closed form vs policy gradient; needs a > 0, an ODE
+step has no density). closed (default): backward through the per-step KL_j itself (Eq. 11/12).
+ppo: the teacher as a process reward, advantage -KL_j (not detached), PPO-clip surrogate with the
+density ratio rho_j of the rollout's own next state (Eq. 16's ratio of densities: Flow-GRPO's ratio
+of mean-over-dimension log-probs would shrink the noise term by 1/D); one step per rollout keeps rho = 1,
+so grad = grad KL_j + KL_j grad log pi (Eq. 19): the closed form plus zero-mean noise (Eq. 20-23).
+reinforce: LLM OPD's route, the sampled log-ratio log p_S - log p_T (detached) times the score.
+Both equal the closed-form gradient in expectation (estimator_loss gives the scaling for the
+project's mean-over-dimension log-probs); estimator_gradients measures their spread across
+rollouts. --probe-every N logs probe_kl_<task>: Eq. 12 on a fixed probe set of ODE rollouts of
+the student (probe_kl), the same states for every --seed, --noise-level and --estimator.
 
 Outputs in --out: config.json, log.jsonl (glossary in docs/formats.md), grid_<task>.png (base
 vs student), curves.png, results.json + both printed tables, checkpoint/ (the student), and
@@ -19,7 +46,7 @@ Deliberate deviations from the paper (its Sec. 4 setup and the released code)
      (the states do not depend on the prediction's graph, and the weights only change at the
      end of the round), instead of the released rollout -> teacher -> recompute. Same
      gradient to float64 precision (test), one student forward per step saved.
-  2. Toy sizes: 16 prompts per task per round (paper: 72 over 8 GPUs), lr 2e-3 (3e-4); fp32
+  2. Toy sizes: 16 prompts per task per round (paper: 24, 3 per GPU on 8), lr 2e-3 (3e-4); fp32
      and no EMA by default. The released real-scale options are flags (paper values): --bf16
      (autocast of the transformer passes; KL, loss and LoRA master weights stay fp32),
      --grad-checkpointing (same gradient, tested), --ema 0.9 --ema-every 8: after every 8th
@@ -60,6 +87,7 @@ import torch
 
 import rewards as R
 import sampler as S
+import teachers as T
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,8 +102,10 @@ class DistillConfig:
     prompts: int = 16                # prompts per task per round (global, split over processes)  [>= 1]
     steps: int = 10                  # rollout grid steps (paper: 10)  [>= 1]
     noise_level: float = 0.0         # a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11  [>= 0]
+    estimator: str = "closed"        # per-step gradient (Sec. 3.3): closed = Eq. 11/12; ppo = PPO-clip surrogate, advantage -KL_j; reinforce = sampled log-ratio; ppo/reinforce need --noise-level > 0  [in closed|ppo|reinforce]
+    probe_every: int = 0             # log probe_kl_<task> (Eq. 12 on fixed probe ODE rollouts, comparable across runs) at rounds 0, N, 2N, ... and the end (0: off)  [>= 0]
     train_fraction: float = 1.0      # train steps j < floor(fraction * steps); 1 = all, 0.99 = the released 9 of 10 (deviation 3)  [> 0]
-    cfg: float = -1.0                # student CFG in rollouts; -1 = the base's own
+    cfg: float = -1.0                # student CFG in rollouts (sft: in its flow-matching loss); -1 = the base's own
     lr: float = 2e-3                 # AdamW learning rate  [> 0]
     rank: int = 32                   # student LoRA rank (paper: 32)  [>= 1]
     alpha: int = 64                  # student LoRA alpha (paper: 64)  [>= 1]
@@ -85,6 +115,7 @@ class DistillConfig:
     eval_heldout_n: int = 64         # images per task, final evaluation, held-out table (0: none)  [>= 0]
     seed: int = 0                    # seeds prompts and rollout noise
     balance: bool = True             # divide each task's KL by its own detached value (deviation 5)
+    objective: str = "opd"           # opd: DiffusionOPD; sft: the off-policy baseline, flow matching on teacher samples (docstring; --balance does nothing)  [in opd|sft]
     bf16: bool = False               # bf16 autocast of the student's and teachers' transformer passes; KL, loss, LoRA weights stay fp32 (deviation 2)
     grad_checkpointing: bool = False # recompute the transformer blocks in backward (diffusers): less memory, same gradient
     ema: float = 0.0                 # student EMA decay (0: off; paper 0.9; < 1): the checkpoint and final evaluation use the EMA (deviation 2)  [>= 0]
@@ -141,10 +172,62 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
     return next(iter(bases.values()))[0], by_task, cfgs
 
 
+ESTIMATORS = ("closed", "ppo", "reinforce")                  # --estimator (Sec. 3.3 ablation)
+PPO_CLIP = 1e-4                 # --estimator ppo: Flow-GRPO's clip range (SD3); it cannot fire here (estimator_loss)
+
+
+def ppo_log_ratio(x_next: torch.Tensor, mean_s: torch.Tensor, std: float) -> torch.Tensor:
+    """log rho_j = log pi_theta(a_j | x_j) - log pi_old(a_j | x_j) per sample (B,), the DENSITY ratio
+    of Eq. 16: a sum over the D dims, i.e. D x the difference of sampler.gaussian_logprob's means.
+    pi_old is the student's own kernel, detached (the rollout policy). On a fresh rollout it is 0
+    in value, bit for bit; its gradient is the score (a_j - mu_S)^T grad mu_S / sbar^2 (Eq. 23)."""
+    d = mean_s[0].numel()
+    return d * (S.gaussian_logprob(x_next, mean_s, std) - S.gaussian_logprob(x_next, mean_s.detach(), std))
+
+
+def estimator_loss(estimator: str, mean_s: torch.Tensor, mean_t: torch.Tensor, std: float,
+                   x_next: torch.Tensor) -> torch.Tensor:
+    """--estimator ppo | reinforce: one step's loss (mean over the batch) whose gradient estimates
+    grad KL_j, KL_j = sampler.step_kl(mu_S, mu_T, sbar) (Eq. 11, a MEAN over the D dims), from the
+    rollout's own next state x_next = a_j = mu_S.detach() + sbar eps_j (Sec. 3.3, Eq. 16-23).
+    mean_s carries the student's gradient; mean_t is the teacher's (constant). Needs sbar > 0.
+
+    Scaling. The paper's identities hold for TRUE quantities, sums over dims: Delta = D KL_j,
+    log Pi = D log pi (log pi: sampler.gaussian_logprob, a mean), and with a_j = mu_S + sbar eps
+      grad log Pi(a_j) = sum_d (eps_d / sbar) grad mu_S,d =: s_j   (Eq. 23), E[s_j] = 0 (Eq. 20);
+      PPO:       grad(rho Delta) = grad Delta + Delta s_j, rho = Pi_theta / Pi_old (Eq. 19),
+                 so E = grad Delta (Eq. 21);
+      REINFORCE: E[K s_j] = grad Delta, K = log Pi_S(a_j) - log Pi_T(a_j) detached (LLM OPD's
+                 sampled log-ratio; K = eps.u + Delta with u = (mu_S - mu_T) / sbar, E[K eps] = u).
+    The closed form trains Delta / D = KL_j, so each estimator is its true form divided by D:
+      ppo:       rho Delta / D = rho KL_j, rho = exp(ppo_log_ratio) (= 1 in value)
+                 -> grad = grad KL_j + KL_j s_j;                       E = grad KL_j
+      reinforce: K log Pi / D = D k log pi, k = log pi_S(a_j) - log pi_T(a_j) (means: K = D k)
+                 -> grad = D k grad log pi = k s_j;                     E = grad Delta / D = grad KL_j.
+    Without the factor D, k log pi would estimate grad KL_j / D. Flow-GRPO's ratio exp(log pi -
+    log pi_old), of MEAN log-probs (= rho^(1/D)), is unbiased too but scales PPO's score term KL_j s_j
+    by 1/D (its variance by 1/D^2): it is not Eq. 16's ratio, so it is not used here."""
+    if std <= 0.0:
+        raise ValueError(f"--estimator {estimator}: a = 0 (ODE) transitions have no density (Sec. 3.3)")
+    kl = S.step_kl(mean_s, mean_t, std)                                   # Delta_j(theta) / D, (B,)
+    if estimator == "ppo":
+        # PPO-clip as Flow-GRPO / GRPO-Guard build it (teachers.ppo_clip_loss): the max of
+        # -A rho and -A clip(rho, 1 -+ PPO_CLIP), with the advantage A = -KL_j NOT detached. The
+        # clip cannot fire here: the rollout is fresh (pi_old = pi_theta, one optimizer step per
+        # rollout), so rho = 1 exactly in value (tested); both terms then equal rho KL_j, the max
+        # splits its gradient between them, and the loss's gradient is grad(rho KL_j) (Eq. 19).
+        return T.ppo_clip_loss(ppo_log_ratio(x_next, mean_s, std), -kl, PPO_CLIP)
+    if estimator == "reinforce":
+        logp = S.gaussian_logprob(x_next, mean_s, std)                    # log pi_theta(a_j | x_j), mean over dims
+        k = (logp - S.gaussian_logprob(x_next, mean_t, std)).detach()     # sampled log-ratio, mean over dims
+        return (mean_s[0].numel() * k * logp).mean()                      # D k log pi (scaling above)
+    raise ValueError(f"--estimator {estimator!r}: estimator_loss takes ppo or reinforce (closed: sampler.step_kl)")
+
+
 def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, cond: dict,
                  x: torch.Tensor, grid: torch.Tensor, a: float, n_train: int, scale: float,
                  gen: torch.Generator, n_global: int | None = None, local: slice = slice(None),
-                 bf16: bool = False) -> float:
+                 bf16: bool = False, estimator: str = "closed", on_step=None) -> float:
     """One task's share of a round, FUSED: roll the student down the grid; at each trained
     step j take its gradient-carrying mean, the teacher's mean at the same x_j, the closed-form
     KL (Eq. 11/12), and backward at once (so memory holds one step). The next state comes from
@@ -152,7 +235,10 @@ def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: fl
     With several processes, x holds rows `local` of a global batch of n_global; the SDE noise
     is drawn for the whole batch and sliced the same way, so any process count gives the
     single-process rollout. bf16: the transformer passes run under bf16 autocast; the
-    velocities come back in x's dtype, and the means, KL and backward are float32."""
+    velocities come back in x's dtype, and the means, KL and backward are float32.
+    estimator: what is backpropagated per step (--estimator; the returned KL is always Eq. 11/12):
+    closed = the KL itself; ppo / reinforce = estimator_loss on the rollout's own next state.
+    on_step(j), if given, runs after step j's backward (estimator_gradients reads .grad there)."""
     total = 0.0
     amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
     policy.use("student")
@@ -175,12 +261,57 @@ def distill_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: fl
             mean_s, mean_t = mean_s.float(), mean_t.float()
         # ---- closed-form per-step KL (Eq. 11 / 12), mean over dims, averaged over batch ----
         kl = S.step_kl(mean_s, mean_t, std).mean()
-        (kl * scale).backward()
-        total += float(kl.detach())
-        # ---- next state from the student's own kernel: x_{j+1} = mu_S + sbar eps ----
+        # ---- next state from the student's own kernel: x_{j+1} = mu_S + sbar eps (drawn before
+        #      the backward: ppo / reinforce score this very draw; gen's stream is unchanged) ----
         noise = torch.randn((n_global or len(x), *x.shape[1:]), generator=gen)[local].to(x) if std > 0 else 0.0
-        x = (mean_s.detach().to(x.dtype) + std * noise)
+        x_next = (mean_s.detach().to(x.dtype) + std * noise)
+        loss = kl if estimator == "closed" else estimator_loss(estimator, mean_s, mean_t, std, x_next.to(mean_s.dtype))
+        (loss * scale).backward()
+        total += float(kl.detach())
+        if on_step is not None:
+            on_step(j)
+        x = x_next
     return total
+
+
+def teacher_samples(policy: S.Policy, teacher: str, g_teacher: float, cond: dict, x: torch.Tensor,
+                    grid: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """--objective sft: the teacher's own clean samples from the initial noise x - its ODE (a = 0)
+    down the rollout grid with its own CFG (sampler.rollout), no gradient. The student is left
+    active: it never rolls out."""
+    policy.use(teacher)
+    with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x_data = S.rollout(policy, cond, x, grid, 0.0, g_teacher)["states"][-1]
+    policy.use("student")
+    return x_data
+
+
+def sft_times(grid: torch.Tensor, n_train: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """--objective sft's flow-matching times (n,), float64: a trained step j < n_train of the
+    rollout grid uniformly (as OPD weights its steps), then t uniform in [t_{j+1}, t_j). On a
+    shift-1 grid that is U(0, 1); at shift s it follows the sampler's time density (a piecewise-
+    linear shift(U)), so SFT and OPD train the same noise levels."""
+    j = torch.randint(n_train, (n,), generator=gen)
+    return grid[j + 1] + torch.rand(n, generator=gen, dtype=torch.float64) * (grid[j] - grid[j + 1])
+
+
+def sft_task(policy: S.Policy, x_data: torch.Tensor, g_student: float, cond: dict, grid: torch.Tensor,
+             n_train: int, scale: float, gen: torch.Generator, n_global: int | None = None,
+             local: slice = slice(None), bf16: bool = False) -> float:
+    """--objective sft, one task's share of a round: flow matching of the student on the teacher's
+    samples x_data. t (sft_times) and eps ~ N(0, I) are drawn for the global batch and sliced like
+    x (any process count gives the single-process loss); x_t = sampler.noised(x_data, eps, t);
+    loss = mean over batch and dimensions of (v_S(x_t, t) - (eps - x_data))^2, v_S the student's
+    velocity under its CFG g_student; backward(scale * loss). Returns the loss."""
+    n = n_global or len(x_data)
+    t = sft_times(grid, n_train, n, gen)[local].to(x_data.device, x_data.dtype)
+    eps = torch.randn((n, *x_data.shape[1:]), generator=gen)[local].to(x_data)
+    policy.use("student")
+    with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16):
+        v = policy.velocity(S.noised(x_data, eps, t), t, cond, g_student)
+    loss = (v - (eps - x_data)).pow(2).mean()                # flow matching: v target = eps - x_data
+    (loss * scale).backward()
+    return float(loss.detach())
 
 
 def main(argv=None):
@@ -205,12 +336,103 @@ def layout(env, cuda: bool) -> dict:
     return {"world": world, "rank": rank, "device": device, "backend": "nccl" if cuda else "gloo"}
 
 
+PROBE_N, PROBE_SEED = 16, 20_000   # --probe-every: images per task; seed of their prompts and noise (never --seed)
+
+
+@torch.no_grad()
+def probe_kl(policy: S.Policy, tasks: list[str], g_teacher: dict, g_student: float, grid: torch.Tensor,
+             table: dict | None = None, n: int = PROBE_N, batch: int = 8) -> dict:
+    """--probe-every: {"probe_kl_<task>": the per-step Eq. 12 KL (a = 0, mean over dims) between the
+    student and the task's teacher at the states of the student's own ODE rollout down `grid`,
+    averaged over ALL the grid's steps and the n probe images}. The probe set is fixed: n prompts of
+    the task's train split drawn with PROBE_SEED (and the task's name), image i from the initial
+    noise of seed PROBE_SEED + i (sampler.initial_noise). It depends on no --seed, --noise-level or
+    --estimator and draws no training randomness, so runs of one base and grid compare on one
+    curve, and a run's training is the same with or without probes. The student stays active."""
+    shape, out = policy.latent_shape(), {}
+    for task in tasks:
+        train = (table or R.TASKS)[task].train
+        ps = [train[k] for k in np.random.default_rng([PROBE_SEED, *map(ord, task)]).integers(len(train), size=n)]
+        total = 0.0
+        for i in range(0, n, batch):
+            cond = policy.encode(ps[i:i + batch])
+            x = S.initial_noise(shape, [PROBE_SEED + k for k in range(i, min(i + batch, n))], policy.device, policy.dtype)
+            policy.use("student")
+            ro = S.rollout(policy, cond, x, grid, 0.0, g_student)          # the student's own ODE states
+            policy.use(task)
+            for j in range(len(grid) - 1):
+                t, t_next = float(grid[j]), float(grid[j + 1])
+                x_j = ro["states"][j]
+                v_t = policy.velocity(x_j, t, cond, g_teacher[task]).to(ro["means"].dtype)   # as the rollout's v_S
+                mean_t = S.step_mean(x_j.to(v_t.dtype), v_t, t, t_next, 0.0)                 # Eq. 7 at a = 0
+                total += float(S.step_kl(ro["means"][j], mean_t, 0.0).sum())   # Eq. 12, per image
+        policy.use("student")
+        out[f"probe_kl_{task}"] = total / (n * (len(grid) - 1))
+    return out
+
+
+def estimator_gradients(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, prompts: list[str],
+                        grid: torch.Tensor, a: float, estimator: str, n_rollouts: int, n_train: int | None = None,
+                        seed: int = 0, keep: bool = True) -> dict:
+    """The Sec. 3.3 ablation's measurement: for ONE student (the adapter "student", weights left
+    unchanged) and one task, each trained step's gradient (flattened student LoRA gradients,
+    float64) in each of n_rollouts independent rollouts of the prompts, run through distill_task as
+    in training (scale 1: the step's own loss, batch mean). Rollout r starts from fresh initial
+    noise and draws fresh SDE noise, both seeded by (seed, r) only - the same for every estimator
+    (common random numbers: the estimators differ on identical trajectories). The spread is ACROSS
+    ROLLOUTS (the states differ), not at fixed states, where the closed form's would be 0.
+    Returns {"grads": (n_rollouts, n_train, P) if keep, "t": (n_train,) t_j of each step,
+    "trace_cov": (n_train,) trace of the across-rollout covariance (the unbiased mean squared
+    deviation from the mean gradient, summed over parameters), "mean_norm": (n_train,) the norm of
+    the mean gradient, "kl": (n_rollouts,) each rollout's per-step KL}."""
+    params = list(policy.adapter_params("student").values())
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    n_train = n_train or len(grid) - 1
+    cond, shape = policy.encode(prompts), policy.latent_shape()
+    mean = torch.zeros(n_train, sum(p.numel() for p in params), dtype=torch.float64)
+    m2 = torch.zeros(n_train, dtype=torch.float64)                    # Welford, summed over parameters
+    grads, kls, rows = [], [], []
+
+    def grab(j):                                                       # step j's gradient, then a clean slate
+        rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+                    .to("cpu", torch.float64))
+        for p in params:
+            p.grad = None
+    for r in range(n_rollouts):
+        x = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + 2 * r),
+                        dtype=torch.float64).to(policy.device, policy.dtype)
+        rows.clear()
+        kls.append(distill_task(policy, teacher, g_teacher, g_student, cond, x, grid, a, n_train, 1.0,
+                                torch.Generator().manual_seed(seed * 1_000_003 + 2 * r + 1), estimator=estimator,
+                                on_step=grab) / n_train)
+        g = torch.stack(rows)                                          # (n_train, P)
+        d = g - mean
+        mean += d / (r + 1)
+        m2 += (d * (g - mean)).sum(1)
+        if keep:
+            grads.append(g)
+    return {"t": grid[:n_train].clone(), "trace_cov": m2 / max(n_rollouts - 1, 1), "mean_norm": mean.norm(dim=1),
+            "kl": torch.tensor(kls, dtype=torch.float64)} | ({"grads": torch.stack(grads)} if keep else {})
+
+
 def run(cfg: DistillConfig) -> dict:
     from tqdm import tqdm
     if not 0.0 <= cfg.ema < 1.0:                                 # the parser checks >= 0 only
         raise S.CheckpointError(f"--ema {cfg.ema}: the EMA decay must be in [0, 1) (0: off; the paper's 0.9)")
     if cfg.ema_every < 1:
         raise S.CheckpointError(f"--ema-every {cfg.ema_every}: must be >= 1 (the paper's 8)")
+    if cfg.estimator not in ESTIMATORS:                          # the parser checks it too; run() is an API
+        raise S.CheckpointError(f"--estimator {cfg.estimator!r}: must be one of {'|'.join(ESTIMATORS)}")
+    if cfg.estimator != "closed" and cfg.noise_level <= 0:
+        raise S.CheckpointError(f"--estimator {cfg.estimator}: needs --noise-level > 0 (e.g. 0.7): an ODE step (a = 0) "
+                                "has no density, so no ratio or score (Sec. 3.3); use --estimator closed")
+    if cfg.objective not in ("opd", "sft"):                      # the parser checks it too; run() is an API
+        raise S.CheckpointError(f"--objective {cfg.objective!r}: must be opd (DiffusionOPD) or sft (the off-policy baseline)")
+    if cfg.objective == "sft" and cfg.noise_level > 0:
+        raise S.CheckpointError(f"--noise-level {cfg.noise_level}: --objective sft trains on the teachers' ODE samples "
+                                "and rolls nothing out; drop --noise-level")
     # ---- 0. processes, teachers, student ----
     lay = layout(os.environ, torch.cuda.is_available())
     world, rank, device = lay["world"], lay["rank"], lay["device"]
@@ -237,6 +459,10 @@ def run(cfg: DistillConfig) -> dict:
         "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": S.settings(base)["shift"],
         "grid": [round(float(x), 5) for x in grid],
         "trained_steps": n_train, "processes": world, "loss": "Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)"}
+    if cfg.estimator != "closed":                                # Sec. 3.3 ablation: the gradient estimator
+        conf["loss"] += {"ppo": ", PPO-clip surrogate (Eq. 16-19)", "reinforce": ", REINFORCE on the sampled log-ratio"}[cfg.estimator]
+    if cfg.objective == "sft":                                   # what the student is trained on (--balance: nothing)
+        conf["loss"] = "flow matching on the teachers' ODE samples, plain task mean (no balance)"
     if table is not R.TASKS:                                     # real scale: the prompt files' hashes
         conf["prompt_files"] = {t: table[t].source for t in tasks}
     existed = S.open_run(out, conf, cfg.fresh, "distill") if rank == 0 else None
@@ -291,16 +517,31 @@ def run(cfg: DistillConfig) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd)
         acc = [torch.zeros_like(p) for p in params]                # the round's task-averaged gradient
         rec = {"round": rnd}
+        if rank == 0 and cfg.probe_every and rnd % cfg.probe_every == 0:   # --probe-every: the student after rnd steps
+            rec |= probe_kl(policy, tasks, g_teacher, g_student, grid, table)
         for task in tasks:
             opt.zero_grad(set_to_none=True)
             # ---- 1. prompts of THIS task only (routing by dataset, never mixed) ----
             ps = [table[task].train[k] for k in rng.integers(len(table[task].train), size=cfg.prompts)]
             x = torch.randn((cfg.prompts, *shape), generator=gen)[local].to(policy.device, policy.dtype)  # global draw, local slice
             cond = policy.encode(ps[local])
+            if cfg.objective == "sft":                             # the off-policy baseline (docstring): the
+                x_data = teacher_samples(policy, task, g_teacher[task], cond, x, grid, cfg.bf16)   # teacher samples,
+                fm = sft_task(policy, x_data, g_student, cond, grid, n_train, 1.0,        # the student fits them
+                              torch.Generator().manual_seed(int(rng.integers(2**31))),
+                              n_global=cfg.prompts, local=local, bf16=cfg.bf16)
+                fm = torch.tensor(fm, dtype=torch.float64, device=device)
+                if world > 1:                                          # the global batch's loss
+                    torch.distributed.all_reduce(fm)
+                    fm /= world
+                rec[f"sft_loss_{task}"] = float(fm)
+                for a_, p in zip(acc, params):                         # plain task mean: nothing to balance
+                    a_.add_(p.grad, alpha=1.0 / len(tasks))
+                continue                                               # the round's step, eval, probes: shared with opd
             # ---- 2-4. fused rollout + teacher means + closed-form KL + backward ----
             kl = distill_task(policy, task, g_teacher[task], g_student, cond, x, grid, cfg.noise_level,
                               n_train, 1.0 / n_train, torch.Generator().manual_seed(int(rng.integers(2**31))),
-                              n_global=cfg.prompts, local=local, bf16=cfg.bf16)
+                              n_global=cfg.prompts, local=local, bf16=cfg.bf16, estimator=cfg.estimator)
             kl = torch.tensor(kl / n_train, dtype=torch.float64, device=device)  # this task's per-step KL
             if world > 1:                                              # the global batch's KL
                 torch.distributed.all_reduce(kl)
@@ -319,7 +560,8 @@ def run(cfg: DistillConfig) -> dict:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world
         rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        if not all(math.isfinite(rec[f"kl_{t}"]) for t in tasks) or not math.isfinite(rec["grad_norm"]):
+        if not all(math.isfinite(v) for k, v in rec.items() if k.startswith(("kl_", "sft_loss_"))) \
+                or not math.isfinite(rec["grad_norm"]):
             raise S.CheckpointError(f"{out}: loss is NaN/inf at round {rnd} ({rec}); lower --lr. "
                                     "The last good state is kept; nothing was overwritten")
         opt.step()
@@ -337,6 +579,9 @@ def run(cfg: DistillConfig) -> dict:
                 rec[f"eval_{task}"] = float(R.evaluate(policy, task, cfg.eval_small, g_student, table=table).mean())
         if rank == 0:
             log.write(json.dumps(rec) + "\n"); log.flush()
+    if rank == 0 and cfg.probe_every:                            # --probe-every: the final student (raw weights)
+        log.write(json.dumps({"round": cfg.rounds, **probe_kl(policy, tasks, g_teacher, g_student, grid, table),
+                              "time_s": round(time.time() - t0, 1)}) + "\n"); log.flush()
     # ---- 7. the student checkpoint, final evaluation, table, figures ----
     if rank > 0:
         torch.distributed.barrier()
@@ -349,7 +594,8 @@ def run(cfg: DistillConfig) -> dict:
     meta = {"role": "student", "task": None, "cfg": g_student,
             "teachers": {t: {"path": os.path.relpath(Path(p).resolve(), (out / "checkpoint").resolve()),
                              "hash": R.weights_hash(p)} for t, p in by_task.items()},
-            "trained": {"algorithm": "DiffusionOPD (" + conf["loss"] + ")", "minutes": minutes,
+            "trained": {"algorithm": ("DiffusionOPD (" if cfg.objective == "opd" else "SFT baseline (") + conf["loss"] + ")",
+                        "objective": cfg.objective, "minutes": minutes,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "base", "teachers")}}}
     policy.save_adapter("student", out / "checkpoint", meta)
     res = report(cfg, out, base, by_task, policy, table)

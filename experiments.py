@@ -1,0 +1,321 @@
+"""experiments.py - the paper's studies in miniature, on the toy world (Sec. 5, 7, 8).
+
+Calls teachers.py and distill.py; holds no math of its own. Every run is an ordinary run folder
+under --out (resumable: re-running the command resumes the unfinished run and reads the
+finished ones), every number a study reports comes from its results JSON (--docs), and each
+study draws one figure next to it.
+
+    python experiments.py                     # all four studies, resumable (~4 h on 2 cores)
+    python experiments.py --only noise        # one study: table1 | noise | estimators | sft
+
+  table1     Table 1's analog: base, the three teachers, joint GRPO-Guard, joint DiffusionNFT,
+             cascade NFT (each with the CPU minutes of OPD's Stage 1 + Stage 2) and DiffusionOPD
+             over three seeds; both tables, paired, the paper's Average over the rows shown.
+  noise      Stage 2 at a = 0, 0.3, 0.7: the per-task teacher KL on the SAME probe states
+             (ODE rollouts of the current student from fixed noises) and the rewards, per round;
+             the rounds each needs to reach 90% of the a = 0 run's final KL reduction.
+  estimators at a = 0.7: the closed-form KL gradient vs the PPO surrogate (Sec. 3.3, Eq. 16-23)
+             vs the sampled-log-ratio REINFORCE of LLM OPD - gradient variance across rollouts
+             by step, and training curves to the same number of rounds.
+  sft        off-policy SFT on the teachers' samples vs on-policy distillation: the KL at the
+             student's own states and the rewards.
+
+Shared runs: the a = 0, seed 0 OPD run serves table1, noise and sft; the a = 0.7 closed-form run
+serves noise and estimators. --quick runs every code path with tiny budgets (the tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import distill as D
+import rewards as R
+import sampler as S
+import teachers as T
+
+HERE = Path(__file__).resolve().parent
+STUDIES = ("table1", "noise", "estimators", "sft")   # in this order: later studies reuse earlier runs
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    only: str = "all"                # run one study only, or all of them  [in all|table1|noise|estimators|sft]
+    teachers: list = dataclasses.field(default_factory=list)  # the teacher folders (default: every folder in ckpts/)
+    out: str = "runs/experiments"    # where the studies' run folders go (each resumable)
+    docs: str = "docs/studies"       # where each study's results JSON and figure are written
+    rounds: int = 50                 # Stage 2 rounds of every distillation run (the main job's)  [>= 1]
+    probe_every: int = 5             # rounds between probe KLs (distill.py --probe-every)  [>= 1]
+    seeds: int = 3                   # DiffusionOPD seeds in table1  [>= 1]
+    quick: bool = False              # tiny budgets everywhere: a smoke run of every code path
+
+
+def budgets(cfg: ExperimentConfig) -> dict:
+    """Run sizes. The full ones are the main job's (distill.py defaults) with a probe; --quick
+    shrinks every loop to a few iterations."""
+    if cfg.quick:
+        return {"distill": dict(rounds=2, prompts=2, steps=3, eval_every=1, eval_small=2, eval_n=4,
+                                eval_heldout_n=2, rank=4, alpha=8),
+                "teacher": dict(iters=3, prompts=2, group=2, steps=3, rank=4, alpha=8, eval_n=0,
+                                eval_heldout_n=0, eval_every=1, eval_small=2),
+                "variance_rollouts": 4, "heldout_n": 2, "n": 4}
+    return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
+            "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
+            "variance_rollouts": 64, "heldout_n": R.HELDOUT_N, "n": 256}
+
+
+# ---------------------------------------------------------------------------------------------
+# runs: every study is made of these two calls
+# ---------------------------------------------------------------------------------------------
+def opd_run(cfg: ExperimentConfig, name: str, **over) -> Path:
+    """One Stage 2 run (distill.run), resumed or read when it exists; returns its folder."""
+    b = budgets(cfg)
+    dc = D.DistillConfig(teachers=list(cfg.teachers), out=str(Path(cfg.out) / "distill" / name),
+                         probe_every=1 if cfg.quick else cfg.probe_every, **(b["distill"] | over))
+    D.run(dc)
+    return Path(dc.out)
+
+
+def teacher_run(cfg: ExperimentConfig, name: str, **over) -> Path:
+    """One Stage 1 style run (teachers.train) on the teachers' base, resumed or read; its checkpoint."""
+    tc = T.TeacherConfig(base=S.settings(cfg.teachers[0])["base"], out=str(Path(cfg.out) / "rl" / name),
+                         **(budgets(cfg)["teacher"] | over))
+    return Path(T.train(tc))
+
+
+def log_of(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+
+
+def minutes_of(ckpt: Path) -> float:
+    return float(S.read_meta(ckpt).get("trained", {}).get("minutes", 0.0))
+
+
+def scores_of(cfg: ExperimentConfig, ckpt: Path) -> dict:
+    """Both tables' per-image scores of a checkpoint (the protocol, cached)."""
+    b = budgets(cfg)
+    return R.evaluate_checkpoint(str(ckpt), b["n"], b["heldout_n"])
+
+
+def write_results(cfg: ExperimentConfig, study: str, res: dict) -> Path:
+    f = Path(cfg.docs) / f"{study}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    S.write_json_atomic(f, res)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# the studies
+# ---------------------------------------------------------------------------------------------
+def study_table1(cfg: ExperimentConfig) -> dict:
+    """Table 1's analog. Budget of every multi-task RL baseline: the CPU minutes of OPD's Stage 1
+    (the longest teacher, as the paper counts it) + Stage 2 (seed 0's training minutes)."""
+    base = S.settings(cfg.teachers[0])["base"]
+    teachers = {S.read_meta(t)["task"]: Path(t) for t in cfg.teachers}
+    opd = [opd_run(cfg, f"a0-s{s}", seed=s) / "checkpoint" for s in range(cfg.seeds)]
+    stage1 = max(minutes_of(t) for t in teachers.values())
+    stage2 = minutes_of(opd[0])
+    budget = 0.05 if cfg.quick else stage1 + stage2
+    common = dict(minutes=budget, task=",".join(R.toy.TASK_NAMES))
+    rl = {"joint GRPO-Guard": teacher_run(cfg, "joint-grpo-guard", algo="grpo-guard", lr=3e-4, train_fraction=0.5,
+                                          **common),
+          "joint NFT": teacher_run(cfg, "joint-nft", algo="nft", lr=1e-3, **common),
+          "cascade NFT": teacher_run(cfg, "cascade-nft", algo="nft", lr=1e-3, cascade=True, **common)}
+    rows, per = [], {}
+    for name, ck, mins in ([("base", Path(base), 0.0)] + [(f"teacher {t}", p, minutes_of(p)) for t, p in teachers.items()]
+                           + [(n, p, minutes_of(p)) for n, p in rl.items()]
+                           + [(f"DiffusionOPD seed {s}", p, stage1 + minutes_of(p)) for s, p in enumerate(opd)]):
+        per[name] = scores_of(cfg, ck)
+        rows.append({"name": name, "path": os.path.relpath(ck), "minutes": round(mins, 2),
+                     "scores": {k: float(v.mean()) for k, v in per[name]["train"].items()},
+                     "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
+    # DiffusionOPD as one row: the mean over seeds (std beside it); the Average over the rows shown
+    seeds = [r for r in rows if r["name"].startswith("DiffusionOPD")]
+    mean_row = {"name": f"DiffusionOPD ({len(seeds)} seeds)", "minutes": seeds[0]["minutes"],
+                "scores": {k: float(np.mean([r["scores"][k] for r in seeds])) for k in seeds[0]["scores"]},
+                "heldout": {k: float(np.mean([r["heldout"][k] for r in seeds])) for k in seeds[0]["heldout"]},
+                "std": {k: float(np.std([r["scores"][k] for r in seeds], ddof=1)) if len(seeds) > 1 else 0.0
+                        for k in seeds[0]["scores"]}}
+    shown = [r for r in rows if not r["name"].startswith("DiffusionOPD")] + [mean_row]
+    res = R.results(shown, {"n": budgets(cfg)["n"], "heldout_n": budgets(cfg)["heldout_n"], "seed": R.EVAL_SEED,
+                            "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"},
+                    per | {mean_row["name"]: {s: {k: np.mean([per[r["name"]][s][k] for r in seeds], 0)
+                                                  for k in per[seeds[0]["name"]][s]} for s in per[seeds[0]["name"]]}})
+    res["seeds"] = seeds
+    res["budget_minutes"] = {"stage1_longest": stage1, "stage1_sum": sum(minutes_of(t) for t in teachers.values()),
+                             "stage2": stage2, "baselines": budget}
+    write_results(cfg, "table1", res)
+    print(R.render_results(res))
+    return res
+
+
+def kl_rounds(log: list[dict], tasks: list[str]) -> tuple[list[int], np.ndarray]:
+    """The probe KLs of a run: (rounds, (len(rounds), tasks)) - the same states for every run."""
+    recs = [r for r in log if f"probe_kl_{tasks[0]}" in r]
+    return [r["round"] for r in recs], np.array([[r[f"probe_kl_{t}"] for t in tasks] for r in recs])
+
+
+def rounds_to(rounds: list[int], kl: np.ndarray, target: np.ndarray) -> list[float]:
+    """Per task, the first probed round at which the KL is at or below its target (inf: never)."""
+    out = []
+    for m in range(kl.shape[1]):
+        hit = [r for r, k in zip(rounds, kl[:, m]) if k <= target[m]]
+        out.append(float(hit[0]) if hit else math.inf)
+    return out
+
+
+def study_noise(cfg: ExperimentConfig) -> dict:
+    """Stage 2 at a = 0 (Eq. 12), 0.3 and 0.7 (Eq. 11): KLs on the same probe states, rewards,
+    and the rounds to 90% of the a = 0 run's final KL reduction (the paper: ODE up to 5x more
+    sample-efficient than a = 0.7)."""
+    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    runs = {a: opd_run(cfg, "a0-s0" if a == 0 else f"a{a}-s0", noise_level=a) for a in (0.0, 0.3, 0.7)}
+    res = {"tasks": tasks, "runs": {}}
+    r0, kl0 = kl_rounds(log_of(runs[0.0]), tasks)
+    target = kl0[0] - 0.9 * (kl0[0] - kl0[-1])                   # 90% of a = 0's final reduction
+    for a, run in runs.items():
+        log = log_of(run)
+        rr, kl = kl_rounds(log, tasks)
+        res["runs"][str(a)] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
+                               "evals": [{k: v for k, v in r.items() if k == "round" or k.startswith("eval_")}
+                                         for r in log if any(k.startswith("eval_") for k in r)],
+                               "rounds_to_90pct": rounds_to(rr, kl, target),
+                               "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+    base_r = res["runs"]["0.0"]["rounds_to_90pct"]
+    for a in res["runs"]:
+        res["runs"][a]["ratio_to_ode"] = [x / b if b and math.isfinite(x) else math.inf
+                                          for x, b in zip(res["runs"][a]["rounds_to_90pct"], base_r)]
+    write_results(cfg, "noise", res)
+    figure_curves(cfg, "noise", {f"a = {a}": run for a, run in runs.items()}, tasks)
+    return res
+
+
+def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)) -> dict:
+    """Per task, noise level and estimator: the trace of the across-rollout covariance of each step's
+    gradient and the mean gradient's norm (distill.estimator_gradients), at ONE student's weights
+    (`student`: the a = 0 run's), 4 fixed prompts, fresh initial and SDE noise per rollout - the
+    same draws for every estimator."""
+    base, by_task, g_teacher = D.load_teachers(cfg.teachers)
+    pol = S.Policy(base)
+    for t, p in by_task.items():
+        pol.add_adapter(t, p)
+    pol.add_adapter("student", student)
+    steps = 3 if cfg.quick else 10
+    grid = S.time_grid(steps, pol.shift)
+    out = {"t": [float(x) for x in grid[:-1]], "student": os.path.relpath(student), "tasks": {}}
+    for task in by_task:
+        train = R.TASKS[task].train
+        prompts = [train[k] for k in np.random.default_rng([7, *map(ord, task)]).integers(len(train), size=2 if cfg.quick else 4)]
+        for a in levels:
+            for e in D.ESTIMATORS:
+                g = D.estimator_gradients(pol, task, g_teacher[task], S.settings(student)["cfg"], prompts, grid, a, e,
+                                          budgets(cfg)["variance_rollouts"], keep=False)
+                out["tasks"].setdefault(task, {}).setdefault(str(a), {})[e] = {
+                    "trace_cov": g["trace_cov"].tolist(), "mean_norm": g["mean_norm"].tolist(), "kl": float(g["kl"].mean())}
+    return out
+
+
+def study_estimators(cfg: ExperimentConfig) -> dict:
+    """At a = 0.7: training curves of the closed form, PPO (Eq. 16-19) and REINFORCE to the same
+    rounds; and the gradient spread across rollouts by step and noise level (gradient_spread)."""
+    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    runs = {e: opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
+            for e in D.ESTIMATORS}
+    res = {"tasks": tasks, "variance": gradient_spread(cfg, opd_run(cfg, "a0-s0") / "checkpoint"), "runs": {}}
+    for e, run in runs.items():
+        rr, kl = kl_rounds(log_of(run), tasks)
+        res["runs"][e] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
+                          "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+    write_results(cfg, "estimators", res)
+    figure_curves(cfg, "estimators", runs, tasks)
+    figure_spread(cfg, res["variance"])
+    return res
+
+
+def figure_spread(cfg: ExperimentConfig, var: dict) -> Path:
+    """docs/studies/estimators_variance.png: per task, the across-rollout gradient spread (trace of
+    the covariance) of each estimator against t, one line style per noise level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(var["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
+    for m, task in enumerate(tasks):
+        for a, style in zip(var["tasks"][task], ("-", "--", ":")):
+            for e, c in zip(D.ESTIMATORS, ("C0", "C1", "C2")):
+                axes[0, m].plot(var["t"], var["tasks"][task][a][e]["trace_cov"], style, color=c, label=f"{e}, a = {a}")
+        axes[0, m].set(title=f"{task}: gradient spread across rollouts", xlabel="t (1 = noise)", yscale="log")
+        axes[0, m].title.set_fontsize(8)
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    f = Path(cfg.docs) / "estimators_variance.png"
+    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(f.with_suffix(".tmp.png"), f)
+    return f
+
+
+def study_sft(cfg: ExperimentConfig) -> dict:
+    """Off-policy SFT on the teachers' own samples (as many images as OPD's rollouts) vs on-policy
+    distillation: the KL at the student's own states (probe) and the rewards."""
+    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    runs = {"DiffusionOPD (on-policy)": opd_run(cfg, "a0-s0"), "SFT (off-policy)": opd_run(cfg, "sft-s0", objective="sft")}
+    res = {"tasks": tasks, "runs": {}}
+    for name, run in runs.items():
+        rr, kl = kl_rounds(log_of(run), tasks)
+        res["runs"][name] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
+                             "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+    write_results(cfg, "sft", res)
+    figure_curves(cfg, "sft", runs, tasks)
+    return res
+
+
+def figure_curves(cfg: ExperimentConfig, study: str, runs: dict, tasks: list[str]) -> Path:
+    """docs/studies/<study>.png: per task, the probe KL of every run against rounds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
+    for name, run in runs.items():
+        rr, kl = kl_rounds(log_of(run), tasks)
+        for m, t in enumerate(tasks):
+            axes[0, m].plot(rr, kl[:, m], "o-", ms=3, label=str(name))
+    for m, t in enumerate(tasks):
+        axes[0, m].set(title=f"{t}: KL to its teacher on the probe states", xlabel="round", yscale="log")
+        axes[0, m].title.set_fontsize(8)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    f = Path(cfg.docs) / f"{study}.png"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(f.with_suffix(".tmp.png"), f)
+    return f
+
+
+def main(argv=None):
+    ap = S.config_parser(ExperimentConfig, __doc__.split("\n")[0])
+    args = vars(ap.parse_args(argv))
+    if not args["teachers"]:
+        ck = HERE / "ckpts"
+        args["teachers"] = sorted(os.path.relpath(p) for p in ck.iterdir() if p.is_dir()) if ck.is_dir() else []
+    cfg = ExperimentConfig(**args)
+    t0 = time.time()
+    try:
+        for study in (STUDIES if cfg.only == "all" else [cfg.only]):
+            print(f"==== {study} ====")
+            {"table1": study_table1, "noise": study_noise, "estimators": study_estimators, "sft": study_sft}[study](cfg)
+            print(f"{study}: done, {(time.time() - t0) / 60:.1f} min so far -> {Path(cfg.docs) / (study + '.json')}")
+    except S.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
