@@ -67,7 +67,7 @@ def budgets(cfg: ExperimentConfig) -> dict:
                 "variance_rollouts": 4, "heldout_n": 2, "n": 4}
     return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
             "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
-            "variance_rollouts": 64, "heldout_n": R.HELDOUT_N, "n": 256}
+            "variance_rollouts": 32, "heldout_n": R.HELDOUT_N, "n": 256}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def study_noise(cfg: ExperimentConfig) -> dict:
 def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)) -> dict:
     """Per task, noise level and estimator: the trace of the across-rollout covariance of each step's
     gradient and the mean gradient's norm (distill.estimator_gradients), at ONE student's weights
-    (`student`: the a = 0 run's), 4 fixed prompts, fresh initial and SDE noise per rollout - the
+    (`student`: the a = 0 run's), 2 fixed prompts, fresh initial and SDE noise per rollout - the
     same draws for every estimator."""
     base, by_task, g_teacher = D.load_teachers(cfg.teachers)
     pol = S.Policy(base)
@@ -211,7 +211,7 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
     out = {"t": [float(x) for x in grid[:-1]], "student": os.path.relpath(student), "tasks": {}}
     for task in by_task:
         train = R.TASKS[task].train
-        prompts = [train[k] for k in np.random.default_rng([7, *map(ord, task)]).integers(len(train), size=2 if cfg.quick else 4)]
+        prompts = [train[k] for k in np.random.default_rng([7, *map(ord, task)]).integers(len(train), size=2)]
         for a in levels:
             for e in D.ESTIMATORS:
                 g = D.estimator_gradients(pol, task, g_teacher[task], S.settings(student)["cfg"], prompts, grid, a, e,
@@ -225,16 +225,17 @@ def study_estimators(cfg: ExperimentConfig) -> dict:
     """At a = 0.7: training curves of the closed form, PPO (Eq. 16-19) and REINFORCE to the same
     rounds; and the gradient spread across rollouts by step and noise level (gradient_spread)."""
     tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
-    runs = {e: opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
-            for e in D.ESTIMATORS}
     res = {"tasks": tasks, "variance": gradient_spread(cfg, opd_run(cfg, "a0-s0") / "checkpoint"), "runs": {}}
-    for e, run in runs.items():
+    figure_spread(cfg, res["variance"])
+    runs = {}
+    for e in D.ESTIMATORS:                                        # the results JSON grows run by run
+        write_results(cfg, "estimators", res)
+        runs[e] = run = opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
         rr, kl = kl_rounds(log_of(run), tasks)
         res["runs"][e] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
                           "final": json.loads((run / "results.json").read_text())["rows"][-1]}
     write_results(cfg, "estimators", res)
     figure_curves(cfg, "estimators", runs, tasks)
-    figure_spread(cfg, res["variance"])
     return res
 
 
@@ -255,6 +256,7 @@ def figure_spread(cfg: ExperimentConfig, var: dict) -> Path:
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
     f = Path(cfg.docs) / "estimators_variance.png"
+    f.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
     plt.close(fig)
     os.replace(f.with_suffix(".tmp.png"), f)
@@ -274,6 +276,48 @@ def study_sft(cfg: ExperimentConfig) -> dict:
     write_results(cfg, "sft", res)
     figure_curves(cfg, "sft", runs, tasks)
     return res
+
+
+def render_study(study: str, res: dict) -> str:
+    """A study's table in markdown, from its results JSON (docs/experiments.md shows exactly this;
+    table1 renders with rewards.render_table)."""
+    if study == "table1":                                        # rewards.render_table plus minutes (and seeds' std)
+        cols = [t for t in R.toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
+        out = "| Model | minutes | " + " | ".join(R.TASKS[c].metric for c in cols) + " | Average |\n|" + "---|" * (3 + len(cols)) + "\n"
+        for row in res["rows"]:
+            sd = row.get("std", {})
+            out += (f"| {row['name']} | {row['minutes']:.1f} | "
+                    + " | ".join(f"{row['scores'][c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "")
+                                 + (f" ({row['vs_base'][c][0]:+.3f})" if c in row.get("vs_base", {}) else "") for c in cols)
+                    + f" | {row['average']:.3f} |\n")
+        return out.rstrip()
+    tasks = res["tasks"]
+    f3 = lambda x: "never" if x is None or (isinstance(x, float) and math.isinf(x)) else f"{x:.3g}"
+    cells = lambda row: " | ".join(f"{row['scores'][t]:.3f} ({row['vs_base'][t][0]:+.3f})" for t in tasks)
+    head = lambda first, *mid: ("| " + " | ".join([first, *mid] + [f"{t} (vs base)" for t in tasks]) + " |\n|"
+                                + "---|" * (1 + len(mid) + len(tasks)) + "\n")
+    if study == "noise":
+        out = head("a", "rounds to 90% (" + " / ".join(tasks) + ")", "vs a = 0", "final probe KL")
+        for a, v in res["runs"].items():
+            out += (f"| {a} | {' / '.join(f3(x) for x in v['rounds_to_90pct'])} | "
+                    f"{' / '.join(f3(x) for x in v['ratio_to_ode'])} | {' / '.join(f'{x:.2e}' for x in v['probe_kl'][-1])} | "
+                    f"{cells(v['final'])} |\n")
+        return out.rstrip()
+    if study in ("estimators", "sft"):
+        out = head("run", "final probe KL (" + " / ".join(tasks) + ")")
+        for name, v in res["runs"].items():
+            out += f"| {name} | {' / '.join(f'{x:.2e}' for x in v['probe_kl'][-1])} | {cells(v['final'])} |\n"
+        if study == "estimators":
+            var = res["variance"]
+            out += ("\n| task | a | PPO / closed spread, by step t = " + ", ".join(f"{t:.2g}" for t in var["t"])
+                    + " | REINFORCE / closed |\n|---|---|---|---|\n")
+            for task, by_a in var["tasks"].items():
+                for a, e in by_a.items():
+                    ratio = lambda k: ", ".join(f"{x / max(c, 1e-300):.3g}" for x, c in
+                                                zip(e[k]["trace_cov"], e["closed"]["trace_cov"]))
+                    out += f"| {task} | {a} | {ratio('ppo')} | {ratio('reinforce')} |\n"
+        return out.rstrip()
+    raise ValueError(study)
 
 
 def figure_curves(cfg: ExperimentConfig, study: str, runs: dict, tasks: list[str]) -> Path:

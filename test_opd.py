@@ -3214,6 +3214,23 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps, "a re-run trained again"
     again = json.loads((docs / "table1.json").read_text())
     assert [r["scores"] for r in again["rows"]] == [r["scores"] for r in res["table1"]["rows"]]
+    for s in X.STUDIES:                                               # the tables docs/experiments.md shows
+        assert X.render_study(s, res[s]).count("\n|") >= 2, s
     with pytest.raises(SystemExit) as e:
         X.main(args + ["--only", "everything"])
     assert e.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_study_tables_in_docs_are_the_shipped_results():
+    """Every results JSON shipped under docs/studies/ has its table in docs/experiments.md, marked
+    <!-- study FILE -->, equal to experiments.render_study of that JSON (every number current)."""
+    import experiments as X
+    text = (REPO / "docs" / "experiments.md").read_text()
+    marked = dict(re.findall(r"<!-- study (\S+) -->\n(.*?)<!-- end -->", text, re.S))
+    for f in sorted((REPO / "docs" / "studies").glob("*.json")):
+        rel = str(f.relative_to(REPO))
+        assert rel in marked, f"docs/experiments.md shows no table of {rel}"
+        assert marked[rel].strip() == X.render_study(f.stem, json.loads(f.read_text())).strip(), \
+            f"docs/experiments.md's table of {rel} is stale: re-render it"
+    for rel in marked:
+        assert (REPO / rel).is_file(), f"docs/experiments.md marks a table of a missing {rel}"
