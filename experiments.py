@@ -161,6 +161,13 @@ def kl_rounds(log: list[dict], tasks: list[str]) -> tuple[list[int], np.ndarray]
     return [r["round"] for r in recs], np.array([[r[f"probe_kl_{t}"] for t in tasks] for r in recs])
 
 
+def run_summary(run: Path, tasks: list[str]) -> dict:
+    """A Stage 2 run in a study's JSON: its folder, probe KL curve and final results row."""
+    rr, kl = kl_rounds(log_of(run), tasks)
+    return {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
+            "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+
+
 def rounds_to(rounds: list[int], kl: np.ndarray, target: np.ndarray) -> list[float]:
     """Per task, the first probed round at which the KL is at or below its target (inf: never)."""
     out = []
@@ -231,9 +238,7 @@ def study_estimators(cfg: ExperimentConfig) -> dict:
     for e in D.ESTIMATORS:                                        # the results JSON grows run by run
         write_results(cfg, "estimators", res)
         runs[e] = run = opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
-        rr, kl = kl_rounds(log_of(run), tasks)
-        res["runs"][e] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
-                          "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+        res["runs"][e] = run_summary(run, tasks)
     write_results(cfg, "estimators", res)
     figure_curves(cfg, "estimators", runs, tasks)
     return res
@@ -270,9 +275,7 @@ def study_sft(cfg: ExperimentConfig) -> dict:
     runs = {"DiffusionOPD (on-policy)": opd_run(cfg, "a0-s0"), "SFT (off-policy)": opd_run(cfg, "sft-s0", objective="sft")}
     res = {"tasks": tasks, "runs": {}}
     for name, run in runs.items():
-        rr, kl = kl_rounds(log_of(run), tasks)
-        res["runs"][name] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
-                             "final": json.loads((run / "results.json").read_text())["rows"][-1]}
+        res["runs"][name] = run_summary(run, tasks)
     write_results(cfg, "sft", res)
     figure_curves(cfg, "sft", runs, tasks)
     return res
