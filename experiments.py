@@ -5,7 +5,7 @@ under --out (resumable: re-running the command resumes the unfinished run and re
 finished ones), every number a study reports comes from its results JSON (--docs), and each
 study draws one figure next to it.
 
-    python experiments.py                     # all four studies, resumable (~4.5 h on 2 cores, estimated)
+    python experiments.py                     # all four studies, resumable (~4.3 h on 2 cores)
     python experiments.py --only noise        # one study: table1 | noise | estimators | sft
 
   table1     Table 1's analog: base, the three teachers, joint GRPO-Guard, joint DiffusionNFT,
@@ -137,11 +137,12 @@ def study_table1(cfg: ExperimentConfig) -> dict:
                      "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
     # DiffusionOPD as one row: the mean over seeds (std beside it); the Average over the rows shown
     seeds = [r for r in rows if r["name"].startswith("DiffusionOPD")]
-    mean_row = {"name": f"DiffusionOPD ({len(seeds)} seeds)", "minutes": seeds[0]["minutes"],
+    mean_row = {"name": f"DiffusionOPD ({len(seeds)} seeds)" if len(seeds) > 1 else "DiffusionOPD (seed 0)",
+                "minutes": seeds[0]["minutes"],
                 "scores": {k: float(np.mean([r["scores"][k] for r in seeds])) for k in seeds[0]["scores"]},
-                "heldout": {k: float(np.mean([r["heldout"][k] for r in seeds])) for k in seeds[0]["heldout"]},
-                "std": {k: float(np.std([r["scores"][k] for r in seeds], ddof=1)) if len(seeds) > 1 else 0.0
-                        for k in seeds[0]["scores"]}}
+                "heldout": {k: float(np.mean([r["heldout"][k] for r in seeds])) for k in seeds[0]["heldout"]}}
+    if len(seeds) > 1:                                            # the spread over Stage 2 seeds
+        mean_row["std"] = {k: float(np.std([r["scores"][k] for r in seeds], ddof=1)) for k in seeds[0]["scores"]}
     shown = [r for r in rows if not r["name"].startswith("DiffusionOPD")] + [mean_row]
     res = R.results(shown, {"n": budgets(cfg)["n"], "heldout_n": budgets(cfg)["heldout_n"], "seed": R.EVAL_SEED,
                             "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"},
@@ -207,13 +208,18 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
     """Per task, noise level and estimator: the trace of the across-rollout covariance of each step's
     gradient and the mean gradient's norm (distill.estimator_gradients), at ONE student's weights
     (`student`: the a = 0 run's), 2 fixed prompts, fresh initial and SDE noise per rollout - the
-    same draws for every estimator."""
+    same draws for every estimator. Kept in --out/variance.json, keyed by the weights and sizes."""
+    steps = 3 if cfg.quick else 10
+    key = {"student": R.weights_hash(student), "teachers": sorted(R.weights_hash(t) for t in cfg.teachers),
+           "levels": list(levels), "steps": steps, "rollouts": budgets(cfg)["variance_rollouts"]}
+    cache = Path(cfg.out) / "variance.json"                      # resume reads it: ~14 min on 2 cores
+    if cache.is_file() and (old := json.loads(cache.read_text())).get("key") == key:
+        return old["spread"]
     base, by_task, g_teacher = D.load_teachers(cfg.teachers)
     pol = S.Policy(base)
     for t, p in by_task.items():
         pol.add_adapter(t, p)
     pol.add_adapter("student", student)
-    steps = 3 if cfg.quick else 10
     grid = S.time_grid(steps, pol.shift)
     out = {"t": [float(x) for x in grid[:-1]], "student": os.path.relpath(student), "tasks": {}}
     for task in by_task:
@@ -225,6 +231,8 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
                                           budgets(cfg)["variance_rollouts"], keep=False)
                 out["tasks"].setdefault(task, {}).setdefault(str(a), {})[e] = {
                     "trace_cov": g["trace_cov"].tolist(), "mean_norm": g["mean_norm"].tolist(), "kl": float(g["kl"].mean())}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    S.write_json_atomic(cache, {"key": key, "spread": out})
     return out
 
 
@@ -283,7 +291,8 @@ def study_sft(cfg: ExperimentConfig) -> dict:
 
 def render_study(study: str, res: dict) -> str:
     """A study's table in markdown, from its results JSON (docs/experiments.md shows exactly this;
-    table1 renders with rewards.render_table)."""
+    table1: minutes, mean +- std over seeds (paired difference to the base), then the held-out
+    table as rewards.render_table draws it)."""
     if study == "table1":                                        # rewards.render_table plus minutes (and seeds' std)
         cols = [t for t in R.toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
         out = "| Model | minutes | " + " | ".join(R.TASKS[c].metric for c in cols) + " | Average |\n|" + "---|" * (3 + len(cols)) + "\n"
@@ -293,7 +302,8 @@ def render_study(study: str, res: dict) -> str:
                     + " | ".join(f"{row['scores'][c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "")
                                  + (f" ({row['vs_base'][c][0]:+.3f})" if c in row.get("vs_base", {}) else "") for c in cols)
                     + f" | {row['average']:.3f} |\n")
-        return out.rstrip()
+        return (out + f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n"
+                + R.render_table(res, "heldout")).rstrip()
     tasks = res["tasks"]
     f3 = lambda x: "never" if x is None or (isinstance(x, float) and math.isinf(x)) else f"{x:.3g}"
     cells = lambda row: " | ".join(f"{row['scores'][t]:.3f} ({row['vs_base'][t][0]:+.3f})" for t in tasks)

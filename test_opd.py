@@ -3186,10 +3186,10 @@ def test_probe_every(tiny_base, tiny_teachers, tmp_path, monkeypatch):
 
 
 # ---- experiments.py: every study's code path with tiny budgets ----
-def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys):
+def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys, monkeypatch):
     """`experiments.py --quick` runs all four studies on tiny teachers, writes each results JSON and
     figure, shares the runs it says it shares, and a re-run trains nothing new (every run folder
-    is read back) and rewrites the same numbers."""
+    is read back, the gradient spread from its cache) and rewrites the same numbers."""
     import experiments as X
     args = ["--teachers", *tiny_teachers, "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
             "--quick", "--seeds", "2"]
@@ -3210,12 +3210,14 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     assert all(v > 0 for e in D.ESTIMATORS for v in var[e]["trace_cov"]), var
     runs = sorted(p for p in (tmp_path / "runs").rglob("state.json"))
     stamps = {p: p.stat().st_mtime_ns for p in runs}
+    monkeypatch.setattr(D, "estimator_gradients", lambda *a, **k: pytest.fail("the gradient spread was recomputed"))
     X.main(args)
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps, "a re-run trained again"
     again = json.loads((docs / "table1.json").read_text())
     assert [r["scores"] for r in again["rows"]] == [r["scores"] for r in res["table1"]["rows"]]
     for s in X.STUDIES:                                               # the tables docs/experiments.md shows
         assert X.render_study(s, res[s]).count("\n|") >= 2, s
+    assert "Held-out" in X.render_study("table1", res["table1"])
     with pytest.raises(SystemExit) as e:
         X.main(args + ["--only", "everything"])
     assert e.value.code == 2 and "--only" in capsys.readouterr().err
@@ -3223,7 +3225,8 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
 
 def test_study_tables_in_docs_are_the_shipped_results():
     """Every results JSON shipped under docs/studies/ has its table in docs/experiments.md, marked
-    <!-- study FILE -->, equal to experiments.render_study of that JSON (every number current)."""
+    <!-- study FILE -->, equal to experiments.render_study of that JSON, and every table marked
+    <!-- table FILE KEY --> equals rewards.render_table of its JSON (every number current)."""
     import experiments as X
     text = (REPO / "docs" / "experiments.md").read_text()
     marked = dict(re.findall(r"<!-- study (\S+) -->\n(.*?)<!-- end -->", text, re.S))
@@ -3234,3 +3237,6 @@ def test_study_tables_in_docs_are_the_shipped_results():
             f"docs/experiments.md's table of {rel} is stale: re-render it"
     for rel in marked:
         assert (REPO / rel).is_file(), f"docs/experiments.md marks a table of a missing {rel}"
+    for f, key, body in re.findall(r"<!-- table (\S+) (\w+) -->\n(.*?)<!-- end -->", text, re.S):
+        assert body.strip() == R.render_table(json.loads((REPO / f).read_text()), key).strip(), \
+            f"docs/experiments.md's table {f} {key} is stale: re-render it"
