@@ -144,10 +144,15 @@ def study_table1(cfg: ExperimentConfig) -> dict:
     if len(seeds) > 1:                                            # the spread over Stage 2 seeds
         mean_row["std"] = {k: float(np.std([r["scores"][k] for r in seeds], ddof=1)) for k in seeds[0]["scores"]}
     shown = [r for r in rows if not r["name"].startswith("DiffusionOPD")] + [mean_row]
+    per[mean_row["name"]] = {s: {k: np.mean([per[r["name"]][s][k] for r in seeds], 0) for k in per[seeds[0]["name"]][s]}
+                             for s in per[seeds[0]["name"]]}     # per image: the mean over seeds
     res = R.results(shown, {"n": budgets(cfg)["n"], "heldout_n": budgets(cfg)["heldout_n"], "seed": R.EVAL_SEED,
-                            "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"},
-                    per | {mean_row["name"]: {s: {k: np.mean([per[r["name"]][s][k] for r in seeds], 0)
-                                                  for k in per[seeds[0]["name"]][s]} for s in per[seeds[0]["name"]]}})
+                            "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"}, per)
+    # DiffusionOPD's Average minus every other row's, with the paired bootstrap SE over images
+    names = [r["name"] for r in shown]
+    res["opd_minus"] = {n: {tab: list(R.average_difference(per, names, mean_row["name"], n, split))
+                            for tab, split in (("scores", "train"), ("heldout", "test"))}
+                        for n in names if n != mean_row["name"]}
     res["seeds"] = seeds
     res["budget_minutes"] = {"stage1_longest": stage1, "stage1_sum": sum(minutes_of(t) for t in teachers.values()),
                              "stage2": stage2, "baselines": budget}
@@ -302,8 +307,14 @@ def render_study(study: str, res: dict) -> str:
                     + " | ".join(f"{row['scores'][c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "")
                                  + (f" ({row['vs_base'][c][0]:+.3f})" if c in row.get("vs_base", {}) else "") for c in cols)
                     + f" | {row['average']:.3f} |\n")
-        return (out + f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n"
-                + R.render_table(res, "heldout")).rstrip()
+        out += f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n" + R.render_table(res, "heldout")
+        if res.get("opd_minus"):                                 # the paired bootstrap of the Average difference
+            opd = next(r["name"] for r in res["rows"] if r["name"].startswith("DiffusionOPD"))
+            out += (f"\n\n{opd}'s Average minus each row's, paired bootstrap SE over images:\n\n"
+                    "| row | primary | held-out |\n|---|---|---|\n"
+                    + "".join(f"| {n} | {v['scores'][0]:+.3f} ± {v['scores'][1]:.3f} | "
+                              f"{v['heldout'][0]:+.3f} ± {v['heldout'][1]:.3f} |\n" for n, v in res["opd_minus"].items()))
+        return out.rstrip()
     tasks = res["tasks"]
     f3 = lambda x: "never" if x is None or (isinstance(x, float) and math.isinf(x)) else f"{x:.3g}"
     cells = lambda row: " | ".join(f"{row['scores'][t]:.3f} ({row['vs_base'][t][0]:+.3f})" for t in tasks)

@@ -1152,6 +1152,38 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
+def minmax_average(means: np.ndarray) -> np.ndarray:
+    """The paper's Average (Table 1): means (..., rows, metrics) -> (..., rows), the mean over the
+    metric columns of (score - column min) / (column max - column min) over the rows given; a column
+    whose rows are all equal contributes 0 (no columns: 0)."""
+    if 0 in means.shape[-2:]:
+        return np.zeros(means.shape[:-1])
+    lo, hi = means.min(-2, keepdims=True), means.max(-2, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (means - lo) / np.where(span > 0, span, 1.0), 0.0).mean(-1)
+
+
+def average_difference(per_image: dict, names: list[str], a: str, b: str, split: str = "train",
+                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Average(a) - Average(b) over the rows `names` and its paired bootstrap standard error.
+    per_image {name: {split: {task: (n,)}}}. The rows share prompts and initial noise, so one draw
+    resamples each task's images with the same indices for every row (tasks independently), then
+    recomputes every row's means, the columns' min-max and the two Averages: the column ends move
+    with the draw, as they would in a rerun."""
+    cols = [t for t in toy.TASK_NAMES if all(t in per_image[k][split] for k in names)]
+    ia, ib = names.index(a), names.index(b)
+    rng = np.random.default_rng(seed)
+    full, boot = [], []
+    for c in cols:
+        m = np.stack([np.asarray(per_image[k][split][c], dtype=np.float64) for k in names])   # (rows, n)
+        full.append(m.mean(-1))
+        idx = rng.integers(0, m.shape[1], size=(draws, m.shape[1]))
+        boot.append(m[:, idx].mean(-1).T)                                                     # (draws, rows)
+    point = minmax_average(np.stack(full, -1))
+    dist = minmax_average(np.stack(boot, -1))
+    return float(point[ia] - point[ib]), float(np.std(dist[:, ia] - dist[:, ib], ddof=1))
+
+
 def results(rows: list[dict], proto: dict, per_image: dict | None = None) -> dict:
     """The results JSON. rows: {name, path, scores: {task: mean}, heldout: {task: mean}}; the
     paper's Average per table: the mean over the metric columns of (score - column min) /
@@ -1161,13 +1193,9 @@ def results(rows: list[dict], proto: dict, per_image: dict | None = None) -> dic
     for table, split in (("scores", "train"), ("heldout", "test")):
         have = [r for r in rows if r.get(table)]
         cols = [t for t in toy.TASK_NAMES if have and all(t in r[table] for r in have)]
-        for r in have:
-            norm = []
-            for c in cols:
-                vals = [q[table][c] for q in have]
-                lo, hi = min(vals), max(vals)
-                norm.append(0.0 if hi == lo else (r[table][c] - lo) / (hi - lo))
-            r["average" if table == "scores" else "average_heldout"] = float(np.mean(norm)) if norm else 0.0
+        avg = minmax_average(np.array([[r[table][c] for c in cols] for r in have]).reshape(len(have), len(cols)))
+        for r, a in zip(have, avg):
+            r["average" if table == "scores" else "average_heldout"] = float(a)
             if per_image and r is not rows[0] and split in per_image.get(r["name"], {}):
                 ref, mine = per_image[rows[0]["name"]][split], per_image[r["name"]][split]
                 r["vs_base" if table == "scores" else "vs_base_heldout"] = {

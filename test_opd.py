@@ -961,6 +961,26 @@ def test_paired_standard_error():
     assert m == 0.5 and abs(se - np.std([1, 0, 0, 1], ddof=1) / 2) < 1e-12
 
 
+def test_average_difference_is_the_papers_rule_with_a_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    tasks, n = list(R.TASKS), 200
+    per = {name: {"train": {t: rng.uniform(lo, hi, n) for t in tasks}}
+           for name, lo, hi in (("base", 0.0, 0.6), ("x", 0.2, 0.9), ("y", 0.1, 1.0))}
+    rows = [{"name": k, "scores": {t: float(v["train"][t].mean()) for t in tasks}} for k, v in per.items()]
+    avg = {r["name"]: r["average"] for r in R.results(rows, {})["rows"]}
+    d, se = R.average_difference(per, list(per), "x", "y")
+    assert abs(d - (avg["x"] - avg["y"])) < 1e-12, (d, avg)        # the point estimate: results()' rule
+    assert R.average_difference(per, list(per), "x", "x") == (0.0, 0.0)
+    # fixed column ends (a row of zeros, a row of ones): Average(a) - Average(zeros) = mean over tasks
+    # of a's mean, whose bootstrap SE is sqrt(sum_t var0(a_t) / n) / T (tasks resampled independently)
+    ends = {"zeros": {"train": {t: np.zeros(n) for t in tasks}}, "ones": {"train": {t: np.ones(n) for t in tasks}}}
+    per2 = ends | {"a": per["x"]}
+    d, se = R.average_difference(per2, list(per2), "a", "zeros", draws=4000)
+    want = math.sqrt(sum(per["x"]["train"][t].var() for t in tasks) / n) / len(tasks)
+    assert abs(d - np.mean([per["x"]["train"][t].mean() for t in tasks])) < 1e-12
+    assert abs(se / want - 1) < 0.07, f"bootstrap SE {se:.5f} vs analytic {want:.5f} (tolerance 7%)"
+
+
 def test_evaluate_checkpoint_caches_by_protocol(tiny_base, tmp_path, monkeypatch):
     ck = tmp_path / "base"
     shutil.copytree(tiny_base, ck)
@@ -3200,6 +3220,11 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     names = [r["name"] for r in res["table1"]["rows"]]
     assert names[0] == "base" and {"joint GRPO-Guard", "joint NFT", "cascade NFT", "DiffusionOPD (2 seeds)"} <= set(names)
     assert all(0 <= r["average"] <= 1 for r in res["table1"]["rows"]) and len(res["table1"]["seeds"]) == 2
+    avg = {r["name"]: r["average"] for r in res["table1"]["rows"]}
+    minus = res["table1"]["opd_minus"]                               # OPD's Average minus each row's, +- SE
+    assert set(minus) == set(names) - {"DiffusionOPD (2 seeds)"}
+    assert all(abs(v["scores"][0] - (avg["DiffusionOPD (2 seeds)"] - avg[n])) < 1e-9 and v["scores"][1] >= 0
+               for n, v in minus.items()), (minus, avg)
     noise = res["noise"]["runs"]
     assert set(noise) == {"0.0", "0.3", "0.7"}
     first = {a: v["probe_kl"][0] for a, v in noise.items()}          # round 0: the same no-op student
@@ -3217,7 +3242,7 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     assert [r["scores"] for r in again["rows"]] == [r["scores"] for r in res["table1"]["rows"]]
     for s in X.STUDIES:                                               # the tables docs/experiments.md shows
         assert X.render_study(s, res[s]).count("\n|") >= 2, s
-    assert "Held-out" in X.render_study("table1", res["table1"])
+    assert "Held-out" in X.render_study("table1", res["table1"]) and "bootstrap" in X.render_study("table1", res["table1"])
     with pytest.raises(SystemExit) as e:
         X.main(args + ["--only", "everything"])
     assert e.value.code == 2 and "--only" in capsys.readouterr().err
