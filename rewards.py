@@ -27,7 +27,8 @@ for the aesthetic task. tasks_for(base) picks the table.
 
 Below them, the evaluation protocol (README, "Evaluation"): evaluate / evaluate_checkpoint,
 the score cache keyed by cache_key (protocol + weights_hash + reward_version), the results
-JSON with the paper's Average, and the CLI that prints both tables:
+JSON with the paper's Average (minmax_average; average_difference bootstraps the difference of
+two rows'), and the CLI that prints both tables:
 
     python rewards.py base ckpts/*                         # both tables, paired to the first folder
     python rewards.py base ckpts/* --export-scores         # also store them in the folders' scores.json
