@@ -77,7 +77,9 @@ from pathlib import Path
 
 import torch
 
+import runs
 import sampler as S
+import distill as D
 from distill import distill_task
 
 HERE = Path(__file__).resolve().parent
@@ -115,11 +117,12 @@ def peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def three_pass_task(policy: S.Policy, teacher: str, g_teacher: float, g_student: float, cond: dict,
-                    x: torch.Tensor, grid: torch.Tensor, a: float, n_train: int, scale: float,
-                    gen: torch.Generator, bf16: bool = False) -> float:
+def three_pass_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: torch.Generator, ch: D.Chain,
+                    scale: float | None = None) -> float:
     """The released schedule: rollout (no grad) -> teacher means -> student recompute + loss.
-    bf16: the transformer passes under bf16 autocast, as distill_task's."""
+    Same signature and return value as distill.distill_task (the task's mean per-step KL)."""
+    grid, a, n_train, teacher, bf16 = ch.grid, ch.a, ch.n_train, task, ch.bf16
+    g_student, g_teacher, scale = ch.g_student, ch.g_teacher[task], 1.0 / n_train if scale is None else scale
     amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=bf16)
     policy.use("student")
     # ---- pass 1: student rollout, no grad, storing the visited states ----
@@ -153,7 +156,7 @@ def three_pass_task(policy: S.Policy, teacher: str, g_teacher: float, g_student:
         kl = S.step_kl(mean_s, means_t[j], S.step_std(t, t_next, a)).mean()
         (kl * scale).backward()
         total += float(kl.detach())
-    return total
+    return total / n_train
 
 
 class Copies:
@@ -216,8 +219,8 @@ def inputs(size: str, batch: int, device: torch.device, seed: int = 0):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = S._Parser(description=__doc__.split("\n")[0])
-    pos = S.checked(int, (">=", "1"))
+    ap = runs.Parser(description=__doc__.split("\n")[0])
+    pos = runs.checked(int, ">= 1")
     ap.add_argument("--size", choices=["toy", "tiny", "full"], default="toy",
                     help="toy: the shipped base/ with real prompts; tiny / full: SD3.5-M's architecture "
                          "(shrunk / as published) with random weights (default: toy)")
@@ -234,7 +237,7 @@ def parser() -> argparse.ArgumentParser:
                          "under bf16 autocast (default: fp32)")
     ap.add_argument("--fit-batch", type=pos, default=None,
                     help="--size full on CUDA: prompts per task of the 80 GB fit check (default: 3, the paper's per GPU)")
-    ap.add_argument("--threads", type=S.checked(int, (">=", "0")), default=0,
+    ap.add_argument("--threads", type=runs.checked(int, ">= 0"), default=0,
                     help="torch CPU threads; 0 keeps torch's default, one per core (default: 0); 1 on a shared machine")
     ap.add_argument("--json", default=None, help="also write the JSON to this file, atomically (default: none)")
     ap.add_argument("--child", default=None,
@@ -274,9 +277,10 @@ def main(argv=None):
                  "use --size tiny here")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)   # the floor's; the schedules take bf16=
-    grid, n_train, g = S.time_grid(args.steps, 3.0), args.steps, S.SD3_CFG   # shift 3, CFG 4.5 (Sec. 4)
-    fused = lambda pol, x, cond, seed: distill_task(pol, "teacher0", g, g, cond, x, grid, 0.0, n_train,
-                                                    1.0 / n_train, torch.Generator().manual_seed(seed), bf16=bf16)
+    grid, n_train, g = S.time_grid(args.steps, 3.0), args.steps, runs.SD3_CFG   # shift 3, CFG 4.5 (Sec. 4)
+    chain = lambda task: D.Chain(grid, 0.0, n_train, g, {task: g}, bf16)
+    fused = lambda pol, x, cond, seed: distill_task(pol, "teacher0", cond, x, torch.Generator().manual_seed(seed),
+                                                    chain("teacher0"))
 
     # ---- child (CPU): build one configuration, run ONE fused round, report its RSS ----
     if args.child:
@@ -357,8 +361,7 @@ def main(argv=None):
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     sync(); t0 = time.perf_counter()
-                    kl[name] = fn(pol, "teacher0", g, g, cond, x, grid, 0.0, n_train, 1.0 / n_train,
-                                  torch.Generator().manual_seed(rep), bf16=bf16)
+                    kl[name] = fn(pol, "teacher0", cond, x, torch.Generator().manual_seed(rep), chain("teacher0"))
                     sync(); dt = time.perf_counter() - t0
                     if cuda and name == "fused":
                         peak = max(peak, torch.cuda.max_memory_allocated())
@@ -402,7 +405,7 @@ def main(argv=None):
                "floor_student_fwd_bwd_step_s": med["floor_student"], "floor_teacher_fwd_step_s": med["floor_teacher"],
                "fused_over_floor": med["fused"] / floor, "three_pass_over_floor": med["three_pass"] / floor,
                "three_pass_over_fused": med["three_pass"] / med["fused"],
-               "kl_fused": kl["fused"] / n_train, "kl_three_pass": kl["three_pass"] / n_train}
+               "kl_fused": kl["fused"], "kl_three_pass": kl["three_pass"]}
         if cuda:
             row |= {"pre_build_bytes": pre_build, "baseline_bytes": built, "peak_bytes": peak}
         res["batches"].append(row)
@@ -450,7 +453,7 @@ def main(argv=None):
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        S.write_json_atomic(args.json, res)                   # temporary file, then os.replace
+        runs.write_json_atomic(args.json, res)                   # temporary file, then os.replace
     print(f"\nSD3.5-M {args.size} on {device} ({res['precision']}): {k} teacher LoRAs + the student LoRA (r 32) "
           f"on one backbone of {res['backbone_params'] / 1e6:.1f}M params; CFG {g}, {args.steps} steps at shift 3, "
           f"all trained; seconds per round, median of {args.repeats}, torch threads {res['torch_threads']}")
@@ -498,7 +501,7 @@ def toy(args) -> dict:
     for rep in range(args.repeats + 1):                        # first repeat is a warm-up
         for name, fn in (("fused", distill_task), ("three_pass", three_pass_task)):
             sync(); t0 = time.perf_counter()
-            fn(pol, "teacher", g, g, cond, x, grid, 0.0, n_train, 1.0 / n_train, torch.Generator().manual_seed(rep))
+            fn(pol, "teacher", cond, x, torch.Generator().manual_seed(rep), D.Chain(grid, 0.0, n_train, g, {"teacher": g}))
             sync()
             if rep:
                 times[name].append(time.perf_counter() - t0)
@@ -512,7 +515,7 @@ def toy(args) -> dict:
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        S.write_json_atomic(args.json, res)
+        runs.write_json_atomic(args.json, res)
     print(f"one task's share of a round, {prompts} prompts, {n_train} trained steps, CFG {g}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats}:")
     for k, v in med.items():

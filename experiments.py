@@ -35,10 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+import ablations as A
 import distill as D
 import rewards as R
+import evaluate as E
+import runs
+from runs import arg
 import sampler as S
-import teachers as T
+import multitask as M
 
 HERE = Path(__file__).resolve().parent
 STUDIES = ("table1", "noise", "estimators", "sft")   # in this order: later studies reuse earlier runs
@@ -46,14 +50,14 @@ STUDIES = ("table1", "noise", "estimators", "sft")   # in this order: later stud
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    only: str = "all"                # run one study only, or all of them  [in all|table1|noise|estimators|sft]
-    teachers: list = dataclasses.field(default_factory=list)  # the teacher folders (default: every folder in ckpts/)
-    out: str = "runs/experiments"    # where the studies' run folders go (each resumable)
-    docs: str = "docs/studies"       # where each study's results JSON and figure are written
-    rounds: int = 50                 # Stage 2 rounds of every distillation run (the main job's)  [>= 1]
-    probe_every: int = 5             # rounds between probe KLs (distill.py --probe-every)  [>= 1]
-    seeds: int = 3                   # DiffusionOPD seeds in table1  [>= 1]
-    quick: bool = False              # tiny budgets everywhere: a smoke run of every code path
+    only: str = arg("all", "run one study only, or all of them", "in all|table1|noise|estimators|sft")
+    teachers: list = arg([], "the teacher folders (default: every folder in ckpts/)")
+    out: str = arg("runs/experiments", "where the studies' run folders go (each resumable)")
+    docs: str = arg("docs/studies", "where each study's results JSON and figure are written")
+    rounds: int = arg(50, "Stage 2 rounds of every distillation run (the main job's)", ">= 1")
+    probe_every: int = arg(5, "rounds between probe KLs (distill.py --probe-every)", ">= 1")
+    seeds: int = arg(3, "DiffusionOPD seeds in table1", ">= 1")
+    quick: bool = arg(False, "tiny budgets everywhere: a smoke run of every code path")
 
 
 def budgets(cfg: ExperimentConfig) -> dict:
@@ -67,7 +71,7 @@ def budgets(cfg: ExperimentConfig) -> dict:
                 "variance_rollouts": 4, "heldout_n": 2, "n": 4}
     return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
             "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
-            "variance_rollouts": 32, "heldout_n": R.HELDOUT_N, "n": 256}
+            "variance_rollouts": 32, "heldout_n": E.HELDOUT_N, "n": 256}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,17 +80,17 @@ def budgets(cfg: ExperimentConfig) -> dict:
 def opd_run(cfg: ExperimentConfig, name: str, **over) -> Path:
     """One Stage 2 run (distill.run), resumed or read when it exists; returns its folder."""
     b = budgets(cfg)
-    dc = D.DistillConfig(teachers=list(cfg.teachers), out=str(Path(cfg.out) / "distill" / name),
-                         probe_every=1 if cfg.quick else cfg.probe_every, **(b["distill"] | over))
-    D.run(dc)
+    dc = A.AblationConfig(teachers=list(cfg.teachers), out=str(Path(cfg.out) / "distill" / name),
+                          probe_every=1 if cfg.quick else cfg.probe_every, **(b["distill"] | over))
+    A.run(dc)
     return Path(dc.out)
 
 
 def teacher_run(cfg: ExperimentConfig, name: str, **over) -> Path:
-    """One Stage 1 style run (teachers.train) on the teachers' base, resumed or read; its checkpoint."""
-    tc = T.TeacherConfig(base=S.settings(cfg.teachers[0])["base"], out=str(Path(cfg.out) / "rl" / name),
+    """One multi-task RL run (multitask.train) on the teachers' base, resumed or read; its checkpoint."""
+    tc = M.MultitaskConfig(base=runs.settings(cfg.teachers[0])["base"], out=str(Path(cfg.out) / "rl" / name),
                          **(budgets(cfg)["teacher"] | over))
-    return Path(T.train(tc))
+    return Path(M.train(tc))
 
 
 def log_of(run: Path) -> list[dict]:
@@ -94,19 +98,19 @@ def log_of(run: Path) -> list[dict]:
 
 
 def minutes_of(ckpt: Path) -> float:
-    return float(S.read_meta(ckpt).get("trained", {}).get("minutes", 0.0))
+    return float(runs.read_meta(ckpt).get("trained", {}).get("minutes", 0.0))
 
 
 def scores_of(cfg: ExperimentConfig, ckpt: Path) -> dict:
     """Both tables' per-image scores of a checkpoint (the protocol, cached)."""
     b = budgets(cfg)
-    return R.evaluate_checkpoint(str(ckpt), b["n"], b["heldout_n"])
+    return E.evaluate_checkpoint(str(ckpt), b["n"], b["heldout_n"])
 
 
 def write_results(cfg: ExperimentConfig, study: str, res: dict) -> Path:
     f = Path(cfg.docs) / f"{study}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
-    S.write_json_atomic(f, res)
+    runs.write_json_atomic(f, res)
     return f
 
 
@@ -116,8 +120,8 @@ def write_results(cfg: ExperimentConfig, study: str, res: dict) -> Path:
 def study_table1(cfg: ExperimentConfig) -> dict:
     """Table 1's analog. Budget of every multi-task RL baseline: the CPU minutes of OPD's Stage 1
     (the longest teacher, as the paper counts it) + Stage 2 (seed 0's training minutes)."""
-    base = S.settings(cfg.teachers[0])["base"]
-    teachers = {S.read_meta(t)["task"]: Path(t) for t in cfg.teachers}
+    base = runs.settings(cfg.teachers[0])["base"]
+    teachers = {runs.read_meta(t)["task"]: Path(t) for t in cfg.teachers}
     opd = [opd_run(cfg, f"a0-s{s}", seed=s) / "checkpoint" for s in range(cfg.seeds)]
     stage1 = max(minutes_of(t) for t in teachers.values())
     stage2 = minutes_of(opd[0])
@@ -146,18 +150,18 @@ def study_table1(cfg: ExperimentConfig) -> dict:
     shown = [r for r in rows if not r["name"].startswith("DiffusionOPD")] + [mean_row]
     per[mean_row["name"]] = {s: {k: np.mean([per[r["name"]][s][k] for r in seeds], 0) for k in per[seeds[0]["name"]][s]}
                              for s in per[seeds[0]["name"]]}     # per image: the mean over seeds
-    res = R.results(shown, {"n": budgets(cfg)["n"], "heldout_n": budgets(cfg)["heldout_n"], "seed": R.EVAL_SEED,
-                            "steps": R.EVAL_STEPS, "sampler": "ODE (a = 0)"}, per)
+    res = E.results(shown, {"n": budgets(cfg)["n"], "heldout_n": budgets(cfg)["heldout_n"], "seed": E.EVAL_SEED,
+                            "steps": E.EVAL_STEPS, "sampler": "ODE (a = 0)"}, per)
     # DiffusionOPD's Average minus every other row's, with the paired bootstrap SE over images
     names = [r["name"] for r in shown]
-    res["opd_minus"] = {n: {tab: list(R.average_difference(per, names, mean_row["name"], n, split))
+    res["opd_minus"] = {n: {tab: list(E.average_difference(per, names, mean_row["name"], n, split))
                             for tab, split in (("scores", "train"), ("heldout", "test"))}
                         for n in names if n != mean_row["name"]}
     res["seeds"] = seeds
     res["budget_minutes"] = {"stage1_longest": stage1, "stage1_sum": sum(minutes_of(t) for t in teachers.values()),
                              "stage2": stage2, "baselines": budget}
     write_results(cfg, "table1", res)
-    print(R.render_results(res))
+    print(E.render_results(res))
     return res
 
 
@@ -187,7 +191,7 @@ def study_noise(cfg: ExperimentConfig) -> dict:
     """Stage 2 at a = 0 (Eq. 12), 0.3 and 0.7 (Eq. 11): KLs on the same probe states, rewards,
     and the rounds to 90% of the a = 0 run's final KL reduction (the paper: ODE up to 5x more
     sample-efficient than a = 0.7)."""
-    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
     runs = {a: opd_run(cfg, "a0-s0" if a == 0 else f"a{a}-s0", noise_level=a) for a in (0.0, 0.3, 0.7)}
     res = {"tasks": tasks, "runs": {}}
     r0, kl0 = kl_rounds(log_of(runs[0.0]), tasks)
@@ -215,7 +219,7 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
     (`student`: the a = 0 run's), 2 fixed prompts, fresh initial and SDE noise per rollout - the
     same draws for every estimator. Kept in --out/variance.json, keyed by the weights and sizes."""
     steps = 3 if cfg.quick else 10
-    key = {"student": R.weights_hash(student), "teachers": sorted(R.weights_hash(t) for t in cfg.teachers),
+    key = {"student": E.weights_hash(student), "teachers": sorted(E.weights_hash(t) for t in cfg.teachers),
            "levels": list(levels), "steps": steps, "rollouts": budgets(cfg)["variance_rollouts"]}
     cache = Path(cfg.out) / "variance.json"                      # resume reads it: ~14 min on 2 cores
     if cache.is_file() and (old := json.loads(cache.read_text())).get("key") == key:
@@ -231,24 +235,24 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
         train = R.TASKS[task].train
         prompts = [train[k] for k in np.random.default_rng([7, *map(ord, task)]).integers(len(train), size=2)]
         for a in levels:
-            for e in D.ESTIMATORS:
-                g = D.estimator_gradients(pol, task, g_teacher[task], S.settings(student)["cfg"], prompts, grid, a, e,
+            for e in A.ESTIMATORS:
+                g = A.estimator_gradients(pol, task, g_teacher[task], runs.settings(student)["cfg"], prompts, grid, a, e,
                                           budgets(cfg)["variance_rollouts"], keep=False)
                 out["tasks"].setdefault(task, {}).setdefault(str(a), {})[e] = {
                     "trace_cov": g["trace_cov"].tolist(), "mean_norm": g["mean_norm"].tolist(), "kl": float(g["kl"].mean())}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    S.write_json_atomic(cache, {"key": key, "spread": out})
+    runs.write_json_atomic(cache, {"key": key, "spread": out})
     return out
 
 
 def study_estimators(cfg: ExperimentConfig) -> dict:
     """At a = 0.7: training curves of the closed form, PPO (Eq. 16-19) and REINFORCE to the same
     rounds; and the gradient spread across rollouts by step and noise level (gradient_spread)."""
-    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
     res = {"tasks": tasks, "variance": gradient_spread(cfg, opd_run(cfg, "a0-s0") / "checkpoint"), "runs": {}}
     figure_spread(cfg, res["variance"])
     runs = {}
-    for e in D.ESTIMATORS:                                        # the results JSON grows run by run
+    for e in A.ESTIMATORS:                                        # the results JSON grows run by run
         write_results(cfg, "estimators", res)
         runs[e] = run = opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
         res["runs"][e] = run_summary(run, tasks)
@@ -267,7 +271,7 @@ def figure_spread(cfg: ExperimentConfig, var: dict) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
     for m, task in enumerate(tasks):
         for a, style in zip(var["tasks"][task], ("-", "--", ":")):
-            for e, c in zip(D.ESTIMATORS, ("C0", "C1", "C2")):
+            for e, c in zip(A.ESTIMATORS, ("C0", "C1", "C2")):
                 axes[0, m].plot(var["t"], var["tasks"][task][a][e]["trace_cov"], style, color=c, label=f"{e}, a = {a}")
         axes[0, m].set(title=f"{task}: gradient spread across rollouts", xlabel="t (1 = noise)", yscale="log")
         axes[0, m].title.set_fontsize(8)
@@ -284,7 +288,7 @@ def figure_spread(cfg: ExperimentConfig, var: dict) -> Path:
 def study_sft(cfg: ExperimentConfig) -> dict:
     """Off-policy SFT on the teachers' own samples (as many images as OPD's rollouts) vs on-policy
     distillation: the KL at the student's own states (probe) and the rewards."""
-    tasks = [t for t in R.toy.TASK_NAMES if any(S.read_meta(p).get("task") == t for p in cfg.teachers)]
+    tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
     runs = {"DiffusionOPD (on-policy)": opd_run(cfg, "a0-s0"), "SFT (off-policy)": opd_run(cfg, "sft-s0", objective="sft")}
     res = {"tasks": tasks, "runs": {}}
     for name, run in runs.items():
@@ -297,8 +301,8 @@ def study_sft(cfg: ExperimentConfig) -> dict:
 def render_study(study: str, res: dict) -> str:
     """A study's table in markdown, from its results JSON (docs/experiments.md shows exactly this;
     table1: minutes, mean +- std over seeds (paired difference to the base), then the held-out
-    table as rewards.render_table draws it)."""
-    if study == "table1":                                        # rewards.render_table plus minutes (and seeds' std)
+    table as E.render_table draws it)."""
+    if study == "table1":                                        # E.render_table plus minutes (and seeds' std)
         cols = [t for t in R.toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
         out = "| Model | minutes | " + " | ".join(R.TASKS[c].metric for c in cols) + " | Average |\n|" + "---|" * (3 + len(cols)) + "\n"
         for row in res["rows"]:
@@ -307,7 +311,7 @@ def render_study(study: str, res: dict) -> str:
                     + " | ".join(f"{row['scores'][c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "")
                                  + (f" ({row['vs_base'][c][0]:+.3f})" if c in row.get("vs_base", {}) else "") for c in cols)
                     + f" | {row['average']:.3f} |\n")
-        out += f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n" + R.render_table(res, "heldout")
+        out += f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n" + E.render_table(res, "heldout")
         if res.get("opd_minus"):                                 # the paired bootstrap of the Average difference
             opd = next(r["name"] for r in res["rows"] if r["name"].startswith("DiffusionOPD"))
             out += (f"\n\n{opd}'s Average minus each row's, paired bootstrap SE over images:\n\n"
@@ -368,7 +372,7 @@ def figure_curves(cfg: ExperimentConfig, study: str, runs: dict, tasks: list[str
 
 
 def main(argv=None):
-    ap = S.config_parser(ExperimentConfig, __doc__.split("\n")[0])
+    ap = runs.config_parser(ExperimentConfig, __doc__.split("\n")[0])
     args = vars(ap.parse_args(argv))
     if not args["teachers"]:
         ck = HERE / "ckpts"
@@ -380,7 +384,7 @@ def main(argv=None):
             print(f"==== {study} ====")
             {"table1": study_table1, "noise": study_noise, "estimators": study_estimators, "sft": study_sft}[study](cfg)
             print(f"{study}: done, {(time.time() - t0) / 60:.1f} min so far -> {Path(cfg.docs) / (study + '.json')}")
-    except S.CheckpointError as e:
+    except runs.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -45,24 +45,23 @@ Deliberate deviations / choices
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
-import hashlib
-import inspect
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-META = "opd.json"            # the one metadata file of every checkpoint (README, "Checkpoints")
+import runs
+from runs import (META, SD3_CFG, CheckpointError, check_safetensors, content_hash, read_meta, replace_dir,
+                  resolve_base, settings, write_json_atomic)
+
 SD3_RES = 512                # px: the paper trains and evaluates SD3.5-M at 512 x 512 (Sec. 4)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
 
 
 # ------------------------------------------------------------------------------------
@@ -148,284 +147,6 @@ def velocity_kl_weight(t: float, t_next: float, a: float) -> float:
 
 
 # ------------------------------------------------------------------------------------
-# 4. checkpoints: one folder, standard weights + opd.json (README, "Checkpoints")
-# ------------------------------------------------------------------------------------
-class CheckpointError(Exception):
-    """A checkpoint folder that cannot be used. CLIs print str(e) on one line, exit 2."""
-
-
-def read_meta(path: str | Path) -> dict:
-    if not (p := Path(path) / META).is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: {META} is not valid JSON ({e}); restore or re-export it") from None
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON to a temporary name, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None,
-               info: dict) -> None:
-    """Resume state: tensors and optimizer moments in a safetensors file, the rest in prefix.json.
-    Never a pickle. Two tensor files take turns (prefix-a / prefix-b); the JSON, renamed into
-    place last, names the one that is complete - so a kill at any moment leaves the previous
-    state whole, and a resume never mixes two saves."""
-    from safetensors.torch import save_file
-    flat = {f"{k}.{i}": t.detach().cpu().contiguous() for k, ts in tensors.items() for i, t in enumerate(ts)}
-    groups = None
-    if opt is not None:
-        sd = opt.state_dict()
-        for i, st in sd["state"].items():
-            for k, v in st.items():
-                flat[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        groups = sd["param_groups"]
-    prefix = Path(prefix)
-    cur = json.loads(prefix.with_suffix(".json").read_text()).get("tensors") if prefix.with_suffix(".json").is_file() else None
-    name = f"{prefix.name}-{'b' if cur == f'{prefix.name}-a.safetensors' else 'a'}.safetensors"
-    tmp = prefix.with_name(name + ".tmp")
-    save_file(flat, str(tmp))
-    os.replace(tmp, prefix.with_name(name))                    # the slot NOT named by the current JSON
-    write_json_atomic(prefix.with_suffix(".json"), {**info, "param_groups": groups, "tensors": name})   # commit
-
-
-def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None) -> dict:
-    """Inverse of save_state: copies tensors in place, restores the optimizer, returns the info."""
-    from safetensors.torch import load_file
-    prefix = Path(prefix)
-    info = json.loads(prefix.with_suffix(".json").read_text())
-    flat = load_file(str(prefix.with_name(info["tensors"])))
-    with torch.no_grad():
-        for k, ts in tensors.items():
-            for i, t in enumerate(ts):
-                t.copy_(flat[f"{k}.{i}"])
-    if opt is not None:
-        state: dict[int, dict] = {}
-        for key, v in flat.items():
-            if key.startswith("opt."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    return info
-
-
-def content_hash(model_dir: str | Path) -> str:
-    files = sorted((Path(model_dir) / "transformer").glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no transformer/*.safetensors to hash; is it a model folder?")
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            hashlib.file_digest(fh, lambda: h)                  # streams the file into h
-    return h.hexdigest()[:16]
-
-
-def resolve_base(ckpt: str | Path, meta: dict) -> str:
-    """The base a teacher/student builds on: a path relative to the checkpoint, or a hub id."""
-    base = meta.get("base", {}).get("path")
-    if not base:
-        raise CheckpointError(f"{ckpt}: {META} names no base (base.path); re-export the checkpoint")
-    local = (Path(ckpt) / base).resolve()
-    if local.is_dir():
-        want = meta["base"].get("hash")
-        if want and content_hash(local) != want:
-            raise CheckpointError(f"{ckpt}: its base {local} has hash {content_hash(local)}, but it was "
-                                  f"trained on {want}; use the base it was trained on")
-        return str(local)
-    if Path(base).is_absolute() or base.startswith("."):
-        raise CheckpointError(f"{ckpt}: its base folder {local} does not exist; restore it next to the checkpoint")
-    return base                                                # a hub id, e.g. stabilityai/stable-diffusion-3.5-medium
-
-
-def export_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Ship a run's checkpoint/ (e.g. to base/ or ckpts/ocr/): copy, re-point the relative base
-    path at the new location, and rename into place (the old dst is replaced only when complete)."""
-    src, dst = Path(src), Path(dst)
-    meta = read_meta(src)
-    if not meta:
-        raise CheckpointError(f"{src}: no {META}; only finished checkpoints can be exported")
-    r = dst.resolve()
-    if r == REPO or REPO.is_relative_to(r) or (dst.exists() and not read_meta(dst)) or dst.is_file():
-        raise CheckpointError(f"--export {dst}: not a checkpoint folder (no {META}) or the repository itself; "
-                              "export into a new folder or over a checkpoint (base, ckpts/<task>)")
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.tmp"))
-    if meta.get("base", {}).get("path") and (src / meta["base"]["path"]).is_dir():
-        base = (src / meta["base"]["path"]).resolve()
-        meta["base"]["path"] = os.path.relpath(base, dst.resolve())
-        write_json_atomic(tmp / META, meta)
-    replace_dir(tmp, dst)
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a complete folder tmp to dst; an existing dst is swapped out only at the end."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dst)
-
-
-def _check_safetensors(folder: Path) -> None:
-    from safetensors import safe_open
-    for f in folder.glob("*.safetensors"):
-        try:
-            with safe_open(str(f), "pt") as fh:
-                fh.keys()
-        except Exception as e:                                 # corrupt header / truncated file
-            raise CheckpointError(f"{folder}: {f.name} is not a readable safetensors file ({e}); "
-                                  "re-download or re-export it") from None
-
-
-SD3_CFG = 4.5                                                 # the paper's CFG for SD3.5-M (Sec. 4)
-
-
-def settings(path: str | Path) -> dict:
-    """What a checkpoint samples with, read without loading weights: its base, its CFG (its own
-    opd.json, else its base's, else 4.5 for an SD3 pipeline - the paper's - and 1.0 for others)
-    and its base's shift (the toy base's opd.json; an SD3 pipeline's scheduler config, 3.0 for
-    SD3.5-M). Policy uses the same."""
-    meta = read_meta(path) if Path(path).is_dir() else {}
-    base = resolve_base(path, meta) if meta.get("role") in ("teacher", "student") else str(path)
-    bmeta = read_meta(base) if Path(base).is_dir() else {}
-    sd3 = not bmeta and (not Path(base).exists() or (Path(base) / "model_index.json").is_file())
-    shift = float(bmeta.get("shift", 1.0)) if not sd3 else _scheduler_shift(base)
-    return {"base": base, "cfg": float(meta.get("cfg", bmeta.get("cfg", SD3_CFG if sd3 else 1.0))), "shift": shift,
-            "kind": "sd3" if sd3 else "toy"}
-
-
-def _scheduler_shift(base: str) -> float:
-    """An SD3 pipeline's time shift, from scheduler/scheduler_config.json (a folder, or a hub id's
-    file in the local hub cache)."""
-    f = Path(base) / "scheduler" / "scheduler_config.json"
-    if not f.is_file():
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(base, "scheduler/scheduler_config.json")
-        if not isinstance(hit, str):
-            raise CheckpointError(f"{base}: its scheduler config is not available offline; download the model "
-                                  "(huggingface-cli download) or pass a local folder")
-        f = Path(hit)
-    try:
-        return float(json.loads(f.read_text()).get("shift", 1.0))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{f}: unreadable scheduler config ({e})") from None
-
-
-# ------------------------------------------------------------------------------------
-# run folders and command lines (README, "Run folders"): shared by toy, teachers, distill
-# ------------------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parent
-SHIPPED = ("base", "ckpts")                                    # only an export writes into these
-RESUME_IGNORES = ("out", "fresh", "export", "processes")       # may differ between a run and its resume
-
-
-def shipped(path: str | Path) -> bool:
-    """Is path inside the repository's base/ or ckpts/ (the shipped checkpoints)?"""
-    r = Path(path).resolve()
-    return any(r == REPO / d or r.is_relative_to(REPO / d) for d in SHIPPED)
-
-
-def open_run(out: str | Path, config: dict, fresh: bool, script: str) -> bool:
-    """Create run folder `out` with its config.json, or reopen it; True if it already existed
-    (the caller resumes or reports it). Refuses - CheckpointError, nothing touched - a folder
-    this project did not create as a `script` run (no run config in it, and not empty), the
-    repository or a folder holding it, anything in base/ or ckpts/, and a run folder whose
-    config differs (naming the keys). --fresh deletes only a run folder of this script."""
-    out, r = Path(out), Path(out).resolve()
-    if r == REPO or REPO.is_relative_to(r):
-        raise CheckpointError(f"--out {out}: that is the repository (or holds it); pass a run folder such as runs/{script}")
-    if shipped(r):
-        raise CheckpointError(f"--out {out}: base/ and ckpts/ hold the shipped checkpoints, which only an export "
-                              f"writes; pass a run folder such as runs/{script}")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"--out {out}: is a file; pass a run folder")
-    config = json.loads(json.dumps(config | {"run": script}))  # as it will read back
-    saved = None
-    if out.is_dir() and any(out.iterdir()):
-        try:
-            saved = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            saved = None
-        if not isinstance(saved, dict) or saved.get("run") != script:
-            raise CheckpointError(f"--out {out}: not a {script}.py run folder (no run config in it), so it is left "
-                                  "alone; pass another --out")
-    if saved is not None and fresh:
-        shutil.rmtree(out)
-        saved = None
-    if saved is not None:
-        diff = sorted(k for k in set(saved) | set(config) if k not in RESUME_IGNORES and saved.get(k) != config.get(k))
-        if diff:
-            raise CheckpointError(f"--out {out}: this run was started with another config ({', '.join(diff)} differ); "
-                                  "repeat its flags to resume, or pass --fresh or another --out")
-        return True
-    tmp = out.with_name(out.name + ".tmp")                     # folder and config appear together
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_json_atomic(tmp / "config.json", config)
-    if out.is_dir():
-        out.rmdir()                                            # an empty folder: nothing to lose
-    os.replace(tmp, out)
-    return False
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                  # one line, exit 2 (README, "Errors")
-        print(f"error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
-
-
-def config_parser(cls, description: str, skip: tuple = ()) -> argparse.ArgumentParser:
-    """An argparse parser for a config dataclass whose help is each field's own comment, with its
-    default; a comment ending in [>= X], [> X] or [in a|b] is also checked at parse time."""
-    docs = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+?)\s*$", inspect.getsource(cls), re.M))
-    ap = _Parser(description=description)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        doc = docs.get(f.name, "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"default": default, "help": doc + ("" if default == [] else f" (default: {default!r})")}
-        if isinstance(default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kw["nargs"] = "+"
-        else:
-            rule = re.search(r"\[(>=|>|in) ([^\]]+)\]$", doc)
-            kw["type"] = checked(type(default), rule.groups() if rule else None)
-        ap.add_argument("--" + f.name.replace("_", "-"), **kw)
-    return ap
-
-
-def checked(typ, rule: tuple | None):
-    """An argparse type: typ(v), checked against rule = (">=" | ">" | "in", bound) if given."""
-    def parse(v: str):
-        try:
-            x = typ(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a {typ.__name__}") from None
-        if rule and typ is not str and not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{v!r} is not finite")
-        op, arg = rule or (None, None)
-        if (op == ">=" and not x >= float(arg)) or (op == ">" and not x > float(arg)) \
-                or (op == "in" and x not in arg.split("|")):
-            raise argparse.ArgumentTypeError(f"{v!r} is not {op} {arg}")
-        return x
-    parse.__name__ = typ.__name__
-    return parse
-
-
-# ------------------------------------------------------------------------------------
 # 5. the policy: encode(prompts), velocity(x, t, cond, guidance) with CFG, decode(x)
 # ------------------------------------------------------------------------------------
 class Policy:
@@ -499,7 +220,7 @@ class Policy:
                 raise CheckpointError(f"{path}: missing {part}/; a model folder needs transformer/, "
                                       "text_encoder/ and tokenizer/ (or model_index.json for SD3)")
         for part in ("transformer", "text_encoder"):
-            _check_safetensors(path / part)
+            check_safetensors(path / part)
         try:
             self.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True,
                                                                      dtype=self.dtype)
@@ -525,7 +246,7 @@ class Policy:
             for f in parts:
                 if not (Path(path) / f).is_dir():
                     raise CheckpointError(f"{path}: SD3 pipeline folder is missing {f}/ (model_index.json lists it)")
-                _check_safetensors(Path(path) / f)
+                check_safetensors(Path(path) / f)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=self.dtype)
         except (OSError, ValueError, KeyError) as e:
@@ -546,7 +267,7 @@ class Policy:
             if not (ckpt / "adapter_config.json").is_file() or not (ckpt / "adapter_model.safetensors").is_file():
                 raise CheckpointError(f"{ckpt}: not a LoRA checkpoint (needs adapter_config.json and "
                                       "adapter_model.safetensors)")
-            _check_safetensors(ckpt)
+            check_safetensors(ckpt)
             try:
                 if self.net is self.transformer:
                     self.net = PeftModel.from_pretrained(self.transformer, str(ckpt), adapter_name=name)
@@ -704,7 +425,7 @@ def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 
 def main(argv=None):                                          # python sampler.py CKPT --prompt P [--prompt Q]
     import numpy as np
     from PIL import Image
-    ap = _Parser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
+    ap = runs.Parser(description="Sample a checkpoint with the 40-step ODE sampler into a PNG grid.")
     ap.add_argument("ckpt", help="a checkpoint folder (base/, ckpts/ocr, runs/distill/checkpoint) or a hub id")
     ap.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for more rows (required)")
     ap.add_argument("--n", type=int, default=8, help="images per prompt (default: 8)")

@@ -1,56 +1,28 @@
-"""teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3), and the multi-task RL baselines (Sec. 8).
+"""teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3, Sec. 6).
 
-Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward, never
-seeing the others (paper Sec. 6). Two algorithms, the ones the paper used:
+Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward, never seeing
+the others. Two algorithms, the ones the paper used, as two step functions under one loop (train):
 
-  * GRPO-Guard (arXiv 2510.22319) = Flow-GRPO + RatioNorm + per-step 1/|dt| reweighting.
-    SDE rollouts at noise level a (Eq. 5-7, sampler.py) store log pi_old of every sampled
-    transition; group-normalised advantages; PPO-clip. `--algo flow-grpo` switches the
-    Guard off (plain Flow-GRPO).
-  * DiffusionNFT (arXiv 2509.16117): CFG-free, likelihood-free RL on the FORWARD process.
-    An "old" policy (a soft-updated copy) draws clean samples with the ODE sampler; the
-    reward makes a weight r in [0, 1]; the model is trained by flow matching on re-noised
-    samples through an implicit positive and negative policy.
+  * GRPO-Guard (arXiv 2510.22319) = Flow-GRPO + RatioNorm + per-step 1/|dt| reweighting
+    (grpo_step, guard_loss). SDE rollouts at noise level a (Eq. 5-7, sampler.py) store log pi_old
+    of every sampled transition; group-normalised advantages; PPO-clip. `--algo flow-grpo` is
+    plain Flow-GRPO (no Guard).
+  * DiffusionNFT (arXiv 2509.16117; nft_step, nft_loss): CFG-free, likelihood-free RL on the
+    FORWARD process. An "old" policy (a soft-updated copy) draws clean samples with the ODE
+    sampler; the reward makes a weight r in [0, 1]; the model is trained by flow matching on
+    re-noised samples through an implicit positive and negative policy.
 
     python teachers.py --task aesthetic --algo grpo-guard --iters 120 --export ckpts/aesthetic     # 8 min
     python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 3000 \
         --minutes 30 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 30 min
     python teachers.py --task geneval --algo nft --iters 700 --eval-every 100 --eval-small 64 \
         --eval-n 0 --export ckpts/geneval                                                        # 20 min
-    python rewards.py base ckpts/* --export-scores      # their scores, both tables, into the folders
+    python evaluate.py base ckpts/* --export-scores      # their scores, both tables, into the folders
 
 on 2 cores regenerate the shipped teachers (README, "Results"); `--minutes` stops a run when its
-time budget is spent, and opd.json records the iterations reached. Runs write
-runs/teacher-<task>/ and resume when re-run with the same flags; `--export` ships a finished
-run's checkpoint/.
-
-The paper's multi-task RL baselines (Sec. 8, Table 1), with the same loop (`train`):
-
-  * Joint RL ("multi-task GRPO-Guard", "multi-task NFT"): `--task geneval,ocr,aesthetic` (or
-    `all`) trains ONE adapter on all three. Iterations alternate the tasks in Stage 2's
-    round-robin order (toy.TASK_NAMES); a batch holds one task's prompts only, so its reward
-    and its group-normalised advantages (per prompt group) are that task's. One rollout CFG
-    serves every task: the base's for GRPO-Guard (the OCR / aesthetic teachers' CFG, not the
-    CFG-free GenEval teacher's), 1.0 for NFT (CFG-free, as the GenEval teacher).
-  * Cascade RL: `--cascade` trains the tasks one after another in the order given, one stage
-    each, a sub-run <out>/stage<k>-<task>/ that starts from the last stage's adapter (`--init
-    CKPT` does that for any run: the LoRA starts from an adapter checkpoint of the same base,
-    rank and alpha). `--iters` and `--minutes` are totals, split equally over the stages; a
-    re-run skips finished stages and resumes the unfinished one; the last stage's adapter is
-    the run's checkpoint/.
-
-    python teachers.py --task all --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 5000 \
-        --minutes 60 --eval-every 100                          # runs/teacher-joint-grpo-guard/
-    python teachers.py --task all --algo nft --iters 5000 --minutes 60 --eval-every 100    # runs/teacher-joint-nft/
-    python teachers.py --task all --cascade --algo nft --iters 5000 --minutes 60 \
-        --eval-every 100                                       # runs/teacher-cascade-nft/: 20 min a stage
-    python rewards.py base ckpts/* runs/teacher-joint-*/checkpoint runs/teacher-cascade-nft/checkpoint
-
-(60 min: about the three shipped teachers' 58 together; not yet run. A run saves its resume
-state at each --eval-every point, which evaluates every task of a joint run.) Their opd.json
-says role "teacher", task "joint" or "cascade", and "tasks" (a cascade's "trained" lists its
-stages with their minutes and iterations): rewards.py scores them on every task; distill.py
-refuses them as a teacher for one task (so --export refuses base/ and ckpts/ for them).
+time budget is spent, and opd.json records the iterations reached. Runs write runs/teacher-<task>/
+and resume when re-run with the same flags; `--export` ships a finished run's checkpoint/. The
+multi-task RL baselines of Table 1 (joint and cascade) run this loop too: multitask.py.
 
 Deliberate deviations from the papers (all for a 2-core CPU budget)
   1. Toy sizes: 4 prompts x 8 images per iteration (Flow-GRPO: 24 per group, 48 GPUs), 10
@@ -72,67 +44,56 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 import rewards as R
+import evaluate as E
+import runs
+from runs import arg
 import sampler as S
 
 
 @dataclasses.dataclass
 class TeacherConfig:
-    task: str = "ocr"                 # which task's prompts and reward (geneval|ocr|aesthetic); a comma list or all: several, jointly or --cascade
-    algo: str = "grpo-guard"          # the RL algorithm  [in grpo-guard|flow-grpo|nft]
-    base: str = "base"                # the base checkpoint the adapter sits on
-    out: str = ""                     # run folder (default runs/teacher-<task>, runs/teacher-joint|cascade-<algo>); re-running resumes it
-    init: str = ""                    # start the LoRA from this adapter checkpoint (same base, rank, alpha), not a fresh one
-    cascade: bool = False             # several tasks one after another, each stage from the last one's adapter (cascade RL)
-    iters: int = 150                  # RL iterations (one rollout batch each; --cascade: in all, split equally over the stages)  [>= 1]
-    minutes: float = 0.0              # also stop after this many minutes of training (0: no limit; --cascade: in all, split equally)  [>= 0]
-    prompts: int = 4                  # distinct prompts per iteration  [>= 1]
-    group: int = 8                    # images per prompt (GRPO group; NFT uses the same)  [>= 2]
-    steps: int = 10                   # rollout grid steps (training); evaluation uses 40  [>= 1]
-    noise_level: float = 0.7          # a of Eq. 5 for GRPO rollouts (Flow-GRPO's SD3 value)  [> 0]
-    cfg: float = -1.0                 # rollout CFG; -1: the base's own (GRPO) / 1.0 (NFT, CFG-free)
-    lr: float = 1e-3                  # AdamW learning rate of the LoRA weights  [> 0]
-    rank: int = 32                    # LoRA rank (paper: 32)  [>= 1]
-    alpha: int = 64                   # LoRA alpha (paper: 64)  [>= 1]
-    clip: float = 2e-4                # PPO clip range epsilon on the (normalised) ratio  [> 0]
-    minibatches: int = 2              # optimizer steps per rollout batch (GRPO)  [>= 1]
-    train_fraction: float = 1.0       # GRPO: each minibatch trains a random fraction of the steps  [> 0]
-    nft_strength: float = 1.0         # NFT's beta in v+- = (1 -+ beta) v_old +- beta v_theta  [> 0]
-    nft_adv_clip: float = 5.0         # NFT's c in r = clip(0.5 + 0.5 clip(A, -c, c) / c, 0, 1)  [> 0]
-    old_decay_max: float = 0.5        # NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)  [>= 0]
-    old_decay_ramp: float = 0.01      # NFT: see old_decay_max  [>= 0]
-    nft_times: int = 2                # NFT: re-noising times t drawn per clean sample  [>= 1]
-    eval_every: int = 25              # small paired eval on train prompts every N iterations (0: never)  [>= 0]
-    eval_small: int = 32              # images for the periodic eval  [>= 1]
-    eval_n: int = 256                 # images per task, final evaluation, primary table (0: none)  [>= 0]
-    eval_heldout_n: int = 64          # images per task, final evaluation, held-out table  [>= 0]
-    seed: int = 0                     # seeds prompts, rollout noise and re-noising
-    fresh: bool = False               # delete --out (a teachers run folder only) and start over
-    export: str = ""                  # after training, copy checkpoint/ here (e.g. ckpts/ocr)
+    task: str = arg("ocr", "which task's prompts and reward (geneval|ocr|aesthetic); several tasks: multitask.py")
+    algo: str = arg("grpo-guard", "the RL algorithm", "in grpo-guard|flow-grpo|nft")
+    base: str = arg("base", "the base checkpoint the adapter sits on")
+    out: str = arg("", "run folder (default runs/teacher-<task>, runs/teacher-joint|cascade-<algo>); re-running resumes it")
+    init: str = arg("", "start the LoRA from this adapter checkpoint (same base, rank, alpha), not a fresh one")
+    iters: int = arg(150, "RL iterations (one rollout batch each)", ">= 1")
+    minutes: float = arg(0.0, "also stop after this many minutes of training (0: no limit)", ">= 0")
+    prompts: int = arg(4, "distinct prompts per iteration", ">= 1")
+    group: int = arg(8, "images per prompt (GRPO group; NFT uses the same)", ">= 2")
+    steps: int = arg(10, "rollout grid steps (training); evaluation uses 40", ">= 1")
+    noise_level: float = arg(0.7, "a of Eq. 5 for GRPO rollouts (Flow-GRPO's SD3 value)", "> 0")
+    cfg: float = arg(-1.0, "rollout CFG; -1: the base's own (GRPO) / 1.0 (NFT, CFG-free)")
+    lr: float = arg(1e-3, "AdamW learning rate of the LoRA weights", "> 0")
+    rank: int = arg(32, "LoRA rank (paper: 32)", ">= 1")
+    alpha: int = arg(64, "LoRA alpha (paper: 64)", ">= 1")
+    clip: float = arg(2e-4, "PPO clip range epsilon on the (normalised) ratio", "> 0")
+    minibatches: int = arg(2, "optimizer steps per rollout batch (GRPO)", ">= 1")
+    train_fraction: float = arg(1.0, "GRPO: each minibatch trains a random fraction of the steps", "> 0")
+    nft_strength: float = arg(1.0, "NFT's beta in v+- = (1 -+ beta) v_old +- beta v_theta", "> 0")
+    nft_adv_clip: float = arg(5.0, "NFT's c in r = clip(0.5 + 0.5 clip(A, -c, c) / c, 0, 1)", "> 0")
+    old_decay_max: float = arg(0.5, "NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)", ">= 0")
+    old_decay_ramp: float = arg(0.01, "NFT: see old_decay_max", ">= 0")
+    nft_times: int = arg(2, "NFT: re-noising times t drawn per clean sample", ">= 1")
+    eval_every: int = arg(25, "small paired eval on train prompts every N iterations (0: never)", ">= 0")
+    eval_small: int = arg(32, "images for the periodic eval", ">= 1")
+    eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
+    eval_heldout_n: int = arg(64, "images per task, final evaluation, held-out table", ">= 0")
+    seed: int = arg(0, "seeds prompts, rollout noise and re-noising")
+    fresh: bool = arg(False, "delete --out (a teachers run folder only) and start over")
+    export: str = arg("", "after training, copy checkpoint/ here (e.g. ckpts/ocr)")
 
 
 MULTITASK = ("joint", "cascade")      # opd.json "task" of an adapter trained on several tasks (role stays "teacher")
-
-
-def task_list(spec: str, cascade: bool = False) -> list[str]:
-    """--task -> task names: one, a comma list or "all". Jointly trained tasks take Stage 2's
-    round-robin order (toy.TASK_NAMES); a cascade keeps the order given. ValueError otherwise."""
-    names = list(R.toy.TASK_NAMES) if spec.strip() == "all" else [t.strip() for t in spec.split(",")]
-    bad = [t for t in names if t not in R.TASKS]
-    if bad:
-        raise ValueError(f"{spec!r}: unknown task {bad[0]!r}; pass {'|'.join(R.TASKS)}, a comma list of them, or all")
-    if len(set(names)) < len(names):
-        raise ValueError(f"{spec!r}: a task named twice")
-    return names if cascade else [t for t in R.toy.TASK_NAMES if t in names]
 
 
 def trained_tasks(meta: dict) -> list[str]:
@@ -148,20 +109,20 @@ def check_init(cfg) -> list[str]:
     """--init: an adapter checkpoint of ours on THIS run's base (resolved path and hash) with this
     run's LoRA shape; returns the tasks it was trained on. Anything else: CheckpointError."""
     p = Path(cfg.init)
-    meta = S.read_meta(p) if p.is_dir() else {}
+    meta = runs.read_meta(p) if p.is_dir() else {}
     if meta.get("role") not in ("teacher", "student") or not (p / "adapter_config.json").is_file():
-        raise S.CheckpointError(f"--init {p}: not an adapter checkpoint of ours (a teacher or student folder with "
-                                f"{S.META} and adapter_config.json)")
+        raise runs.CheckpointError(f"--init {p}: not an adapter checkpoint of ours (a teacher or student folder with "
+                                f"{runs.META} and adapter_config.json)")
     where = lambda b: str(Path(b).resolve()) if Path(b).is_dir() else b
-    theirs = (where(S.resolve_base(p, meta)), meta["base"].get("hash"))
-    mine = (where(cfg.base), S.content_hash(cfg.base) if Path(cfg.base).is_dir() else None)
+    theirs = (where(runs.resolve_base(p, meta)), meta["base"].get("hash"))
+    mine = (where(cfg.base), runs.content_hash(cfg.base) if Path(cfg.base).is_dir() else None)
     if theirs != mine:
-        raise S.CheckpointError(f"--init {p}: it sits on the base {theirs[0]} (hash {theirs[1]}), this run on --base "
+        raise runs.CheckpointError(f"--init {p}: it sits on the base {theirs[0]} (hash {theirs[1]}), this run on --base "
                                 f"{cfg.base} = {mine[0]} (hash {mine[1]}); start from an adapter of this run's base")
     ac = json.loads((p / "adapter_config.json").read_text())
     if (ac.get("r"), ac.get("lora_alpha"), sorted(ac.get("target_modules") or [])) != \
             (cfg.rank, cfg.alpha, sorted(S.LORA_TARGETS)):
-        raise S.CheckpointError(f"--init {p}: a LoRA of rank {ac.get('r')}, alpha {ac.get('lora_alpha')}, this run's "
+        raise runs.CheckpointError(f"--init {p}: a LoRA of rank {ac.get('r')}, alpha {ac.get('lora_alpha')}, this run's "
                                 f"--rank {cfg.rank} --alpha {cfg.alpha}; pass the checkpoint's rank and alpha")
     return trained_tasks(meta)
 
@@ -172,10 +133,10 @@ def load_init(policy, name: str, ckpt: str) -> None:
     try:
         sd = load_file(str(Path(ckpt) / "adapter_model.safetensors"))
     except Exception as e:                                     # missing, truncated, corrupt
-        raise S.CheckpointError(f"--init {ckpt}: unreadable adapter_model.safetensors ({e})") from None
+        raise runs.CheckpointError(f"--init {ckpt}: unreadable adapter_model.safetensors ({e})") from None
     mine = {k.replace(f".{name}.", "."): v for k, v in policy.adapter_params(name).items()}
     if set(mine) != set(sd) or any(sd[k].shape != v.shape for k, v in mine.items()):
-        raise S.CheckpointError(f"--init {ckpt}: its adapter does not fit this run's LoRA (other layers or shapes)")
+        raise runs.CheckpointError(f"--init {ckpt}: its adapter does not fit this run's LoRA (other layers or shapes)")
     with torch.no_grad():
         for k, v in mine.items():
             v.copy_(sd[k])
@@ -187,9 +148,9 @@ def run_config(cfg, tasks: list[str]) -> dict:
     with the hash of its weights."""
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in ("init", "cascade") and not v)}
     if cfg.init:
-        conf["init"] = {"path": cfg.init, "weights": R.weights_hash(cfg.init)}
+        conf["init"] = {"path": cfg.init, "weights": E.weights_hash(cfg.init)}
     return conf | {"base": {"path": str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base,
-                            "weights": R.weights_hash(cfg.base)}, "tasks": tasks}
+                            "weights": E.weights_hash(cfg.base)}, "tasks": tasks}
 
 
 def lora_config(cfg):
@@ -216,6 +177,15 @@ def guard_log_ratio(x_next, mean_new, mean_old, logp_old, std, ratio_norm: bool)
     return std * (delta + S.step_kl(mean_new, mean_old, std))
 
 
+def guard_loss(x_next, mean_new, mean_old, logp_old, std, dt, adv, clip, guard: bool = True):
+    """One step j's policy loss and its log-ratio. GRPO-Guard (guard=True): the RatioNorm ratio
+    (guard_log_ratio) in PPO-clip, divided by |dt_j| - the Guard's per-step reweighting, which
+    evens out the steps' gradient scales. guard=False: plain Flow-GRPO (density ratio, no reweighting)."""
+    log_rho = guard_log_ratio(x_next, mean_new, mean_old, logp_old, std, ratio_norm=guard)
+    loss = ppo_clip_loss(log_rho, adv, clip)
+    return (loss / abs(dt) if guard else loss), log_rho
+
+
 def ppo_clip_loss(log_rho, adv, clip):
     rho = log_rho.exp()
     return torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip)).mean()
@@ -236,26 +206,103 @@ def nft_loss(v_theta, v_old, x_t, t, x_data, r, strength):
     return ((r * l_pos + (1 - r) * l_neg) / strength).mean()
 
 
+class Learner(NamedTuple):
+    """What a step function updates: the policy (adapter "teacher" active), its optimizer and
+    trained parameters, NFT's old-policy copy, the rollout grid and the rollout CFG."""
+    policy: S.Policy
+    opt: torch.optim.Optimizer
+    params: list
+    old: list
+    grid: torch.Tensor
+    g: float
+
+
+def grpo_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dict, x1: torch.Tensor,
+              rng: np.random.Generator, gen: torch.Generator, it: int) -> dict:
+    """One GRPO-Guard (or Flow-GRPO) iteration: rollout, rewards, advantages, PPO-clip updates."""
+    policy, grid = L.policy, L.grid
+    # ---- 1. SDE rollout of the current policy, storing log pi_old (Eq. 5-7) ----
+    ro = S.rollout(policy, cond, x1, grid, cfg.noise_level, L.g, gen)
+    imgs = policy.decode(ro["states"][-1])
+    # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
+    r = task.reward(imgs, prompts, strict=False)
+    adv, keep = group_advantages(r, cfg.group)
+    rec = {"reward": float(r.mean()), "kept": float(keep.mean())}
+    idx = np.flatnonzero(keep)
+    rng.shuffle(idx)
+    # ---- 3. PPO-clip over the steps j (all, or a random train_fraction per minibatch), `minibatches` optimizer steps ----
+    clipped, n_terms = 0.0, 0
+    n_train = max(1, round(cfg.train_fraction * cfg.steps))            # Flow-GRPO's timestep_fraction
+    for mb in np.array_split(idx, cfg.minibatches) if len(idx) else []:
+        mbt = torch.as_tensor(mb)
+        sub = {k: v[mbt] for k, v in cond.items()}
+        a_t = torch.as_tensor(adv[mb], dtype=torch.float32).to(policy.device)
+        L.opt.zero_grad(set_to_none=True)
+        for j in sorted(rng.choice(cfg.steps, n_train, replace=False)):
+            t, t_next = float(grid[j]), float(grid[j + 1])
+            x_j, x_next = ro["states"][j][mbt], ro["states"][j + 1][mbt]
+            v = policy.velocity(x_j, t, sub, L.g)
+            mean_new = S.step_mean(x_j, v, t, t_next, cfg.noise_level)              # Eq. 7, with grad
+            loss, log_rho = guard_loss(x_next, mean_new, ro["means"][j][mbt], ro["logprobs"][j][mbt],
+                                       float(ro["stds"][j]), t_next - t, a_t, cfg.clip, guard=cfg.algo == "grpo-guard")
+            (loss / n_train).backward()
+            clipped += float(((log_rho.exp() - 1).abs() > cfg.clip).float().mean()); n_terms += 1
+        torch.nn.utils.clip_grad_norm_(L.params, 1.0)
+        L.opt.step()
+    return rec | {"clip_frac": clipped / max(n_terms, 1)}
+
+
+def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dict, x1: torch.Tensor,
+             rng: np.random.Generator, gen: torch.Generator, it: int) -> dict:
+    """One DiffusionNFT iteration: old-policy samples, rewards, optimality weights, the forward-process loss."""
+    policy = L.policy
+    # ---- 1. clean samples from the OLD policy, deterministic ODE, CFG-free ----
+    policy.use("old")
+    x_data = S.rollout(policy, cond, x1, L.grid, 0.0, L.g)["states"][-1]
+    policy.use("teacher")
+    imgs = policy.decode(x_data)
+    # ---- 2. rewards -> advantages -> optimality weight r in [0, 1] ----
+    r = task.reward(imgs, prompts, strict=False)
+    adv, _ = group_advantages(r, cfg.group)
+    c = cfg.nft_adv_clip
+    w = torch.as_tensor(np.clip(0.5 + 0.5 * np.clip(adv, -c, c) / c, 0, 1), dtype=torch.float32).to(policy.device)
+    # ---- 3. forward-process loss on re-noised samples ----
+    L.opt.zero_grad(set_to_none=True)
+    for _ in range(cfg.nft_times):
+        t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98).to(policy.device)
+        eps = torch.randn(x_data.shape, generator=gen).to(policy.device)
+        x_t = S.noised(x_data, eps, t)                                         # Sec. 2: x_t
+        with torch.no_grad():
+            policy.use("old")
+            v_old = policy.velocity(x_t, t, cond, L.g)
+            policy.use("teacher")
+        v_theta = policy.velocity(x_t, t, cond, L.g)
+        loss = nft_loss(v_theta, v_old, x_t, t, x_data, w, cfg.nft_strength) / cfg.nft_times
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(L.params, 1.0)
+    L.opt.step()
+    # ---- 4. soft update of the old policy ----
+    d = min(cfg.old_decay_ramp * it, cfg.old_decay_max)
+    with torch.no_grad():
+        for o, p in zip(L.old, L.params):
+            o.lerp_(p, 1 - d)
+    return {"reward": float(r.mean())}
+
+
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
-    """The RL loop. `tasks` (default: parsed from cfg.task) rotates round-robin, one task per
-    iteration: a batch holds one task's prompts, so its rewards and group advantages are that
-    task's (joint multi-task RL). cfg.cascade runs `cascade` instead, whose stages call this."""
+    """The RL loop. `tasks` (default: [cfg.task]) rotates round-robin, one task per iteration: a
+    batch holds one task's prompts, so its rewards and group advantages are that task's (several
+    tasks: joint multi-task RL, multitask.py)."""
     from tqdm import tqdm
-    if tasks is None:
-        try:
-            tasks = task_list(cfg.task, cfg.cascade)
-        except ValueError as e:
-            raise S.CheckpointError(f"--task {e}") from None
+    tasks = tasks or [cfg.task]
     for t in tasks:
         if t not in R.TASKS:
-            raise S.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
-    if cfg.cascade:
-        return cascade(cfg, tasks)
+            raise runs.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
     init_tasks = check_init(cfg) if cfg.init else []           # before anything is written
     out = Path(cfg.out or (f"runs/teacher-{tasks[0]}" if len(tasks) == 1 else f"runs/teacher-joint-{cfg.algo}"))
     ckpt = out / "checkpoint"
     conf = run_config(cfg, tasks)
-    if S.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / S.META).is_file():
+    if runs.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / runs.META).is_file():
         print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
         return ckpt
     torch.manual_seed(cfg.seed)
@@ -281,12 +328,13 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
     start, before = 0, 0.0                                     # before: seconds spent before a resume
     state = {"params": params} | ({"old": old_params} if nft else {})
     if (out / "state.json").is_file():
-        info = S.load_state(out / "state", state, opt)
+        info = runs.load_state(out / "state", state, opt)
         start, before = info["iter"], info.get("elapsed_s", 0.0)
         print(f"resuming {out} at iteration {start}")
     print(json.dumps(conf | {"rollout_cfg": g, "grid": [round(float(x), 5) for x in grid],
                              "lora_params": sum(p.numel() for p in params)}))
     log = open(out / "log.jsonl", "a")
+    learner = Learner(policy, opt, params, old_params if nft else [], grid, g)
     t0 = time.time()
     done = start
     for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
@@ -300,76 +348,12 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         cond = policy.encode(prompts)
         x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
         rec = {"iter": it, "task": task.name}
-        if not nft:
-            # ---- 1. SDE rollout of the current policy, storing log pi_old (Eq. 5-7) ----
-            ro = S.rollout(policy, cond, x1, grid, cfg.noise_level, g, gen)
-            imgs = policy.decode(ro["states"][-1])
-            # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
-            r = task.reward(imgs, prompts, strict=False)
-            adv, keep = group_advantages(r, cfg.group)
-            rec |= {"reward": float(r.mean()), "kept": float(keep.mean())}
-            idx = np.flatnonzero(keep)
-            rng.shuffle(idx)
-            # ---- 3. PPO-clip over the steps j (all, or a random train_fraction per minibatch), `minibatches` optimizer steps ----
-            clipped, n_terms = 0.0, 0
-            n_train = max(1, round(cfg.train_fraction * cfg.steps))            # Flow-GRPO's timestep_fraction
-            for mb in np.array_split(idx, cfg.minibatches) if len(idx) else []:
-                mbt = torch.as_tensor(mb)
-                sub = {k: v[mbt] for k, v in cond.items()}
-                a_t = torch.as_tensor(adv[mb], dtype=torch.float32).to(policy.device)
-                opt.zero_grad(set_to_none=True)
-                for j in sorted(rng.choice(cfg.steps, n_train, replace=False)):
-                    t, t_next = float(grid[j]), float(grid[j + 1])
-                    x_j, x_next = ro["states"][j][mbt], ro["states"][j + 1][mbt]
-                    v = policy.velocity(x_j, t, sub, g)
-                    mean_new = S.step_mean(x_j, v, t, t_next, cfg.noise_level)          # Eq. 7, with grad
-                    log_rho = guard_log_ratio(x_next, mean_new, ro["means"][j][mbt], ro["logprobs"][j][mbt],
-                                              float(ro["stds"][j]), ratio_norm=cfg.algo == "grpo-guard")
-                    loss = ppo_clip_loss(log_rho, a_t, cfg.clip) / n_train
-                    if cfg.algo == "grpo-guard":
-                        loss = loss / abs(t_next - t)                                  # Guard: 1/|dt_j| reweighting
-                    loss.backward()
-                    clipped += float(((log_rho.exp() - 1).abs() > cfg.clip).float().mean()); n_terms += 1
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-            rec["clip_frac"] = clipped / max(n_terms, 1)
-        else:
-            # ---- 1. clean samples from the OLD policy, deterministic ODE, CFG-free ----
-            policy.use("old")
-            x_data = S.rollout(policy, cond, x1, grid, 0.0, g)["states"][-1]
-            policy.use("teacher")
-            imgs = policy.decode(x_data)
-            # ---- 2. rewards -> advantages -> optimality weight r in [0, 1] ----
-            r = task.reward(imgs, prompts, strict=False)
-            adv, _ = group_advantages(r, cfg.group)
-            c = cfg.nft_adv_clip
-            w = torch.as_tensor(np.clip(0.5 + 0.5 * np.clip(adv, -c, c) / c, 0, 1), dtype=torch.float32).to(policy.device)
-            rec |= {"reward": float(r.mean())}
-            # ---- 3. forward-process loss on re-noised samples ----
-            opt.zero_grad(set_to_none=True)
-            for _ in range(cfg.nft_times):
-                t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98).to(policy.device)
-                eps = torch.randn(x_data.shape, generator=gen).to(policy.device)
-                x_t = S.noised(x_data, eps, t)                                         # Sec. 2: x_t
-                with torch.no_grad():
-                    policy.use("old")
-                    v_old = policy.velocity(x_t, t, cond, g)
-                    policy.use("teacher")
-                v_theta = policy.velocity(x_t, t, cond, g)
-                loss = nft_loss(v_theta, v_old, x_t, t, x_data, w, cfg.nft_strength) / cfg.nft_times
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            # ---- 4. soft update of the old policy ----
-            d = min(cfg.old_decay_ramp * it, cfg.old_decay_max)
-            with torch.no_grad():
-                for o, p in zip(old_params, params):
-                    o.lerp_(p, 1 - d)
+        rec |= (nft_step if nft else grpo_step)(learner, cfg, task, prompts, cond, x1, rng, gen, it)
         rec["time_s"] = round(time.time() - t0, 1)
         if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
             for name in tasks:                                 # every task of a joint run
-                rec[f"eval_{name}"] = float(R.evaluate(policy, name, cfg.eval_small, guidance=g).mean())
-            S.save_state(out / "state", state, opt, {"iter": it + 1, "elapsed_s": before + time.time() - t0})
+                rec[f"eval_{name}"] = float(E.evaluate(policy, name, cfg.eval_small, guidance=g).mean())
+            runs.save_state(out / "state", state, opt, {"iter": it + 1, "elapsed_s": before + time.time() - t0})
         log.write(json.dumps(rec) + "\n"); log.flush()
     # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
     # trained on one task: a teacher of that task; on several: task "joint" (this run) or
@@ -388,73 +372,24 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
 def final_eval(cfg, ckpt: Path, meta: dict, what: str) -> None:
     """--eval-n > 0: the protocol on every task (both tables), the primary means into opd.json."""
     if cfg.eval_n > 0:
-        per = R.evaluate_checkpoint(str(ckpt), cfg.eval_n, cfg.eval_heldout_n)
+        per = E.evaluate_checkpoint(str(ckpt), cfg.eval_n, cfg.eval_heldout_n)
         meta["scores"] = {k: float(np.mean(v)) for k, v in per["train"].items()} | {"n": cfg.eval_n}
-        S.write_json_atomic(ckpt / S.META, meta | {"base": S.read_meta(ckpt)["base"]})
+        runs.write_json_atomic(ckpt / runs.META, meta | {"base": runs.read_meta(ckpt)["base"]})
     print(f"{what} in {meta['trained']['minutes']} min: {meta.get('scores', 'not evaluated (--eval-n 0)')}")
 
 
-def cascade(cfg: TeacherConfig, tasks: list[str]) -> Path:
-    """Cascade RL (paper Sec. 8, Table 1): one `train` stage per task in the order given, stage k
-    starting from stage k-1's adapter (stage 1 from --init, or fresh); --iters and --minutes are
-    totals, split equally. Stages are sub-run folders <out>/stage<k>-<task>/: a re-run skips the
-    finished ones and resumes the unfinished one. The final checkpoint is the last stage's."""
-    n = len(tasks)
-    if n < 2:
-        raise S.CheckpointError(f"--cascade needs two or more tasks (--task geneval,ocr,aesthetic or all), got {tasks}")
-    if cfg.iters < n:
-        raise S.CheckpointError(f"--cascade: --iters {cfg.iters} is the total over {n} stages; pass at least {n}")
-    if cfg.init:
-        check_init(cfg)
-    out = Path(cfg.out or f"runs/teacher-cascade-{cfg.algo}")
-    ckpt = out / "checkpoint"
-    conf = run_config(cfg, tasks)
-    if S.open_run(out, conf, cfg.fresh, "teachers") and (ckpt / S.META).is_file():
-        print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
-        return ckpt
-    init, stages = cfg.init, []
-    for k, task in enumerate(tasks):
-        sub = dataclasses.replace(cfg, task=task, cascade=False, init=init, out=str(out / f"stage{k + 1}-{task}"),
-                                  iters=cfg.iters // n + (k < cfg.iters % n), minutes=cfg.minutes / n,
-                                  eval_n=0, fresh=False, export="")
-        print(f"cascade stage {k + 1}/{n}: {task}, from {init or 'a fresh LoRA'}, at most {sub.iters} iterations"
-              + (f", {sub.minutes:.2f} min" if cfg.minutes else ""))
-        last = train(sub)
-        tr = S.read_meta(last)["trained"]
-        stages.append({"task": task, "run": Path(sub.out).name, "minutes": tr["minutes"], "iterations": tr["iterations"]})
-        init = str(last)
-    # ---- the last stage's adapter, as this run's checkpoint (base path re-pointed, one rename) ----
-    meta = S.read_meta(last)
-    meta["trained"] = {"algorithm": cfg.algo, "minutes": round(sum(s["minutes"] for s in stages), 2),
-                       "iterations": sum(s["iterations"] for s in stages), "stages": stages,
-                       "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}}
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(last, tmp, ignore=shutil.ignore_patterns("*.tmp", "scores.json"))
-    if Path(last, meta["base"]["path"]).is_dir():
-        meta["base"]["path"] = os.path.relpath(Path(last, meta["base"]["path"]).resolve(), ckpt.resolve())
-    S.write_json_atomic(tmp / S.META, meta)
-    S.replace_dir(tmp, ckpt)
-    final_eval(cfg, ckpt, meta, f"cascade {' -> '.join(tasks)} ({cfg.algo})")
-    return ckpt
-
-
 def main(argv=None):
-    ap = S.config_parser(TeacherConfig, __doc__.split("\n")[0])
+    ap = runs.config_parser(TeacherConfig, __doc__.split("\n")[0])
     cfg = TeacherConfig(**vars(ap.parse_args(argv)))
+    if cfg.task not in R.TASKS:
+        ap.error(f"argument --task: {cfg.task!r} is not one task ({'|'.join(R.TASKS)}); "
+                 "the multi-task RL baselines run with multitask.py")   # one line, exit 2
     try:
-        several = cfg.cascade or len(task_list(cfg.task)) > 1
-    except ValueError as e:
-        ap.error(f"argument --task: {e}")                      # one line, exit 2
-    try:
-        if several and cfg.export and S.shipped(cfg.export):   # checked before training, not after
-            raise S.CheckpointError(f"--export {cfg.export}: a multi-task checkpoint is no teacher for base/ or ckpts/ "
-                                    "(distill.py's default teachers are ckpts/*); export it elsewhere")
         ckpt = train(cfg)
         if cfg.export:
-            S.export_checkpoint(ckpt, cfg.export)
+            runs.export_checkpoint(ckpt, cfg.export)
             print(f"exported {ckpt} -> {cfg.export}")
-    except S.CheckpointError as e:
+    except runs.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr); sys.exit(2)
 
 

@@ -67,6 +67,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import runs
+from runs import arg
 import sampler as S
 
 RES = 32                                    # image side in pixels (H = W = RES)
@@ -436,28 +438,28 @@ def build_base(tokenizer, width: int = 128, layers: int = 5, text_width: int = 1
 
 @dataclasses.dataclass
 class PretrainConfig:
-    out: str = "runs/toy"           # run folder (config, log, resume state, checkpoint/); re-running resumes it
-    steps: int = 2800               # optimizer steps (~15 min on 2 cores at batch 64)  [>= 1]
-    batch: int = 64                 # images per step  [>= 1]
-    lr: float = 2e-3                # AdamW learning rate (constant after a 100-step warm-up)  [> 0]
-    ema: float = 0.998              # EMA decay of the saved weights  [>= 0]
-    drop_caption: float = 0.1       # probability of training on the empty prompt (enables CFG)  [>= 0]
-    caption_noise: float = 0.45     # probability that a geneval caption is confusable(prompt)  [>= 0]
-    mix: str = "0.35,0.45,0.2"      # sampling weights of geneval, ocr, aesthetic prompts
-    cfg: float = 3.0                # the base's CFG scale, recorded in its metadata  [>= 0]
-    width: int = 128                # transformer width (heads x head_dim)  [>= 4]
-    layers: int = 5                 # transformer blocks  [>= 1]
-    seed: int = 0                   # seeds model init, data and noise
-    save_every: int = 400           # resume state every N steps  [>= 1]
-    fresh: bool = False             # delete --out (a toy run folder only) and start over
-    export: str = ""                # copy the finished run's checkpoint/ to this folder (e.g. base)
+    out: str = arg("runs/toy", "run folder (config, log, resume state, checkpoint/); re-running resumes it")
+    steps: int = arg(2800, "optimizer steps (~15 min on 2 cores at batch 64)", ">= 1")
+    batch: int = arg(64, "images per step", ">= 1")
+    lr: float = arg(2e-3, "AdamW learning rate (constant after a 100-step warm-up)", "> 0")
+    ema: float = arg(0.998, "EMA decay of the saved weights", ">= 0")
+    drop_caption: float = arg(0.1, "probability of training on the empty prompt (enables CFG)", ">= 0")
+    caption_noise: float = arg(0.45, "probability that a geneval caption is confusable(prompt)", ">= 0")
+    mix: str = arg("0.35,0.45,0.2", "sampling weights of geneval, ocr, aesthetic prompts")
+    cfg: float = arg(3.0, "the base's CFG scale, recorded in its metadata", ">= 0")
+    width: int = arg(128, "transformer width (heads x head_dim)", ">= 4")
+    layers: int = arg(5, "transformer blocks", ">= 1")
+    seed: int = arg(0, "seeds model init, data and noise")
+    save_every: int = arg(400, "resume state every N steps", ">= 1")
+    fresh: bool = arg(False, "delete --out (a toy run folder only) and start over")
+    export: str = arg("", "copy the finished run's checkpoint/ to this folder (e.g. base)")
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
     from tqdm import tqdm
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    if S.open_run(out, dataclasses.asdict(cfg), cfg.fresh, "toy") and (ckpt / S.META).is_file():
+    if runs.open_run(out, dataclasses.asdict(cfg), cfg.fresh, "toy") and (ckpt / runs.META).is_file():
         print(f"{out} is finished, with this config: {ckpt} (--fresh starts over)")
         return ckpt
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -469,7 +471,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     ema = [p.detach().clone() for p in params]
     start = 0
     if (out / "state.json").is_file():                         # resume
-        start = S.load_state(out / "state", {"params": params, "ema": ema}, opt)["step"]
+        start = runs.load_state(out / "state", {"params": params, "ema": ema}, opt)["step"]
         print(f"resuming {out} at step {start}")
     mix = np.array([float(w) for w in cfg.mix.split(",")]); mix /= mix.sum()
     print(f"base: {sum(p.numel() for p in tr.parameters()) / 1e6:.2f}M transformer + "
@@ -508,7 +510,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         if step % 20 == 0:
             print(json.dumps({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)}), file=log, flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            S.save_state(out / "state", {"params": params, "ema": ema}, opt, {"step": step + 1})
+            runs.save_state(out / "state", {"params": params, "ema": ema}, opt, {"step": step + 1})
     # ---- export the EMA weights as a checkpoint of the contract (README, "Checkpoints") ----
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -517,7 +519,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tr.to(torch.float16).save_pretrained(tmp / "transformer", safe_serialization=True)   # fp16 on disk: 6 MB
     te.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     tok.save_pretrained(tmp / "tokenizer")
-    S.write_json_atomic(tmp / S.META, {"role": "base", "task": None, "cfg": cfg.cfg, "shift": 1.0,
+    runs.write_json_atomic(tmp / runs.META, {"role": "base", "task": None, "cfg": cfg.cfg, "shift": 1.0,
                                        "trained": {"algorithm": "flow matching pretraining (toy.py)",
                                                    "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                                                               if k not in ("out", "export", "fresh")},
@@ -528,15 +530,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv=None):
-    ap = S.config_parser(PretrainConfig, "Pretrain the toy base by flow matching (~15 min on 2 cores). "
+    ap = runs.config_parser(PretrainConfig, "Pretrain the toy base by flow matching (~15 min on 2 cores). "
                                          "Score it with: python rewards.py runs/toy/checkpoint")
     cfg = PretrainConfig(**vars(ap.parse_args(argv)))
     try:
         ckpt = pretrain(cfg)
         if cfg.export:
-            S.export_checkpoint(ckpt, cfg.export)
+            runs.export_checkpoint(ckpt, cfg.export)
             print(f"exported {ckpt} -> {cfg.export}")
-    except S.CheckpointError as e:
+    except runs.CheckpointError as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
 
 
