@@ -55,7 +55,7 @@ class ExperimentConfig:
     out: str = arg("runs/experiments", "where the studies' run folders go (each resumable)")
     docs: str = arg("docs/studies", "where each study's results JSON and figure are written")
     rounds: int = arg(50, "Stage 2 rounds of every distillation run (the main job's)", ">= 1")
-    probe_every: int = arg(5, "rounds between probe KLs (distill.py --probe-every)", ">= 1")
+    probe_every: int = arg(5, "rounds between probe KLs (ablations.py --probe-every)", ">= 1")
     seeds: int = arg(3, "DiffusionOPD seeds in table1", ">= 1")
     quick: bool = arg(False, "tiny budgets everywhere: a smoke run of every code path")
 
@@ -229,7 +229,7 @@ def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)
     for t, p in by_task.items():
         pol.add_adapter(t, p)
     pol.add_adapter("student", student)
-    grid = S.time_grid(steps, pol.shift)
+    grid = S.time_grid(steps, pol.shift, pol.sigma_min)
     out = {"t": [float(x) for x in grid[:-1]], "student": os.path.relpath(student), "tasks": {}}
     for task in by_task:
         train = R.TASKS[task].train

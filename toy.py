@@ -23,7 +23,7 @@ rewards.py checks.
 Run:
     python toy.py                  # pretrain: 14.6 min on 2 cores -> runs/toy/checkpoint
     python toy.py --export base    # ship the finished run's checkpoint to base/ (documented export)
-    python rewards.py runs/toy/checkpoint      # its scores, both tables (~3 min)
+    python evaluate.py runs/toy/checkpoint      # its scores, both tables (~3 min)
 
 Why it looks the way it does (measured on a 2-core CPU with throwaway probes):
   * 32 px: the smallest size at which two glyphs stay legible to PP-OCR.
@@ -531,7 +531,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 def main(argv=None):
     ap = runs.config_parser(PretrainConfig, "Pretrain the toy base by flow matching (~15 min on 2 cores). "
-                                         "Score it with: python rewards.py runs/toy/checkpoint")
+                                         "Score it with: python evaluate.py runs/toy/checkpoint")
     cfg = PretrainConfig(**vars(ap.parse_args(argv)))
     try:
         ckpt = pretrain(cfg)
