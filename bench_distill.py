@@ -13,12 +13,13 @@ gradient in float64) and times both in one run, so the ratio is measured under t
 
 --size tiny | full (nothing is downloaded): SD3.5-Medium's transformer built from its published
 config (SD35M below; tiny = TINY, the same architecture with 2 layers of width 128) with random
-weights, and random text conditioning of SD3's shape (full: 333 tokens = 77 CLIP + 256 T5, x 4096,
+weights, and random text conditioning of SD3's shape (full: 205 tokens = 77 CLIP + 128 T5, x 4096,
 pooled 2048; tiny: 32 x 64, pooled 64), latents 16 x 64 x 64 (512 px; tiny 16 x 16 x 16). One
 backbone carries K = 3 teacher LoRAs (random, so a teacher differs from the base) and the
 trainable student LoRA (r 32, alpha 64, sampler.LORA_TARGETS). Measured: one task's share of a
 Stage 2 round (Alg. 1) at batch B = prompts per task on one device, CFG 4.5 for student and
-teacher, 10 steps at shift 3, ODE rollouts (a = 0, loss Eq. 12), every step trained:
+teacher, the scheduler's 10-step grid at shift 3, ODE rollouts (a = 0, loss Eq. 12), 9 of its 10 steps
+trained (sampler.trained_steps: the last, .0089 -> 0, carries 0.05% of the loss weight):
 
   fused        distill.distill_task: per step one student forward (grad) + one teacher forward
                (no grad) + the KL's backward
@@ -98,7 +99,7 @@ TINY = dict(SD35M, sample_size=16, num_layers=2, attention_head_dim=32, num_atte
             pos_embed_max_size=16, dual_attention_layers=(0,))
 # size -> (transformer config, text tokens, latent side): SD3 text = 77 CLIP + 256 T5 tokens;
 # the paper's 512 px (sampler.SD3_RES) through the VAE's factor 8
-SIZES = {"tiny": (TINY, 32, 16), "full": (SD35M, 77 + 256, S.SD3_RES // 8)}
+SIZES = {"tiny": (TINY, 32, 16), "full": (SD35M, 77 + S.T5_TOKENS, S.SD3_RES // 8)}
 LIMIT_80GB = 78 * 2**30                      # usable bytes on an 80 GB GPU (see fit_80gb above)
 MiB = 2**20
 
@@ -277,7 +278,8 @@ def main(argv=None):
                  "use --size tiny here")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)   # the floor's; the schedules take bf16=
-    grid, n_train, g = S.time_grid(args.steps, 3.0), args.steps, runs.SD3_CFG   # shift 3, CFG 4.5 (Sec. 4)
+    grid, g = S.time_grid(args.steps, 3.0, runs.sigma_min_of(3.0)), runs.SD3_CFG   # the scheduler's grid at shift 3, CFG 4.5 (Sec. 4)
+    n_train = S.trained_steps(grid, 0.0)                                           # 9 of 10, as distill.py at real scale
     chain = lambda task: D.Chain(grid, 0.0, n_train, g, {task: g}, bf16)
     fused = lambda pol, x, cond, seed: distill_task(pol, "teacher0", cond, x, torch.Generator().manual_seed(seed),
                                                     chain("teacher0"))
@@ -344,8 +346,8 @@ def main(argv=None):
                            "fits": not oom and reserved <= LIMIT_80GB,
                            "counted": f"backbone + {k} teacher LoRAs + student LoRA, its grads and AdamW moments, "
                                       "one fused round's activations",
-                           "not_counted": "the text encoders (CLIP-L, CLIP-G, T5-XXL) and the VAE: resident in "
-                                          "bf16 they add roughly 11 GB; pre-encoded prompts avoid that"}
+                           "not_counted": "the text encoders (CLIP-L, CLIP-G, T5-XXL: ~5.5B parameters, which "
+                                          "distill.py holds in half precision: ~11 GB) and the VAE (fp32, ~0.3 GB)"}
         del opt, x, cond
         torch.cuda.empty_cache()
 
@@ -490,8 +492,8 @@ def toy(args) -> dict:
     params = list(pol.adapter_params("student").values())
     for p in params:
         p.requires_grad_(True)
-    grid = S.time_grid(args.steps, pol.shift)
-    n_train = args.steps                                        # distill.py trains every step
+    grid = S.time_grid(args.steps, pol.shift, pol.sigma_min)
+    n_train = S.trained_steps(grid, 0.0)                        # as distill.py: every step of the toy grid
     ps = R.TASKS["ocr"].train[:prompts]
     cond = pol.encode(ps)
     x = torch.randn(prompts, *pol.latent_shape(), generator=torch.Generator().manual_seed(0)).to(pol.device)

@@ -41,6 +41,7 @@ Deliberate deviations from the paper (its Sec. 4 setup and the released code)
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -73,7 +74,7 @@ class DistillConfig:
     prompts: int = arg(16, "prompts per task per round (global, split over processes)", ">= 1")
     steps: int = arg(10, "rollout grid steps (paper: 10)", ">= 1")
     noise_level: float = arg(0.0, "a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11", ">= 0")
-    train_fraction: float = arg(1.0, "train steps j < floor(fraction * steps); 1 = all, 0.99 = the released 9 of 10 (deviation 3)", "> 0")
+    train_fraction: float = arg(1.0, "train steps j < floor(fraction * steps), less a last step of negligible weight (sampler.trained_steps; deviation 3)", "> 0")
     cfg: float = arg(-1.0, "student CFG in rollouts; -1 = the base's own")
     lr: float = arg(2e-3, "AdamW learning rate", "> 0")
     rank: int = arg(32, "student LoRA rank (paper: 32)", ">= 1")
@@ -234,8 +235,8 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
     world, rank, device = lay["world"], lay["rank"], lay["device"]
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(lay["backend"])
+    if world > 1 and not torch.distributed.is_initialized():   # the timeout covers the final evaluation's
+        torch.distributed.init_process_group(lay["backend"], timeout=datetime.timedelta(hours=2))   # longest wait
     if cfg.prompts % world:
         raise runs.CheckpointError(f"--prompts {cfg.prompts} must be divisible by the number of processes ({world})")
     base, by_task, g_teacher = load_teachers(cfg.teachers, cfg.base)      # each teacher's own CFG
@@ -246,8 +247,8 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
         RR.load_real_rewards(tasks)                         # a missing reward model: one line, nothing written
     st = runs.settings(base)
     g_student = st["cfg"] if cfg.cfg < 0 else cfg.cfg
-    grid = S.time_grid(cfg.steps, st["shift"])
-    n_train = max(1, min(cfg.steps, math.floor(cfg.train_fraction * cfg.steps)))
+    grid = S.time_grid(cfg.steps, st["shift"], st["sigma_min"])
+    n_train = S.trained_steps(grid, cfg.noise_level, cfg.train_fraction)
     ch = Chain(grid, cfg.noise_level, n_train, g_student, g_teacher, cfg.bf16, cfg.prompts,
                slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world))
     # the resolved config: every flag, plus base and teachers by resolved path AND weights (a resume
@@ -281,8 +282,11 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         raise
     from peft import LoraConfig
-    policy.add_adapter("student", config=LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,
-                                                    target_modules=S.LORA_TARGETS, lora_dropout=0.0))
+    # the student: a fresh LoRA; at real scale initialised as the released code's (gaussian A), the
+    # toy's with PEFT's default (its shipped results were made so; B = 0 either way: a no-op start)
+    policy.add_adapter("student", config=LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=S.LORA_TARGETS,
+                                                    lora_dropout=0.0,
+                                                    init_lora_weights="gaussian" if st["kind"] == "sd3" else True))
     params = list(policy.adapter_params("student").values())
     for p in params:
         p.requires_grad_(True)
@@ -354,8 +358,8 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
             runs.save_state(out / "state", {"params": params, "ema": ema}, opt,
                             {"round": rnd + 1, "elapsed_s": before + time.time() - t0})
         rec["time_s"] = round(time.time() - t0, 1)
-        # ---- 6. small paired evaluation every N rounds ----
-        if rank == 0 and cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0):
+        # ---- 6. small paired evaluation every N rounds (every process samples its share) ----
+        if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0):
             for task in tasks:
                 rec[f"eval_{task}"] = float(E.evaluate(policy, task, cfg.eval_small, g_student, table=table).mean())
         if rank == 0:
@@ -363,10 +367,7 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
     if probe:                                                    # the final student (raw weights)
         log.write(json.dumps({"round": cfg.rounds, **variant.probe(policy, tasks, ch, table),
                               "time_s": round(time.time() - t0, 1)}) + "\n"); log.flush()
-    # ---- 7. the student checkpoint, final evaluation, table, figures ----
-    if rank > 0:
-        torch.distributed.barrier()
-        return {}
+    # ---- 7. the student checkpoint, final evaluation (every process its share), table, figures ----
     minutes = round((before + time.time() - t0) / 60, 2)
     if ema:                                                      # the EMA is the student: saved and evaluated
         with torch.no_grad():                                    # (the small evals above used the raw weights)
@@ -377,21 +378,30 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
                              "hash": E.weights_hash(p)} for t, p in by_task.items()},
             "trained": {"algorithm": f"{variant.algorithm} ({conf['loss']})", "minutes": minutes,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "base", "teachers")}}}
-    policy.save_adapter("student", out / "checkpoint", meta)
-    res = report(cfg, out, base, by_task, policy, table)
+    if rank == 0:
+        policy.save_adapter("student", out / "checkpoint", meta)
+    if world > 1:
+        torch.distributed.barrier()                              # the checkpoint exists for every process
+    res = report(cfg, out, base, by_task, ch, policy, table, rank)
     if world > 1:
         torch.distributed.barrier()
     return res
 
 
-def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy, table: dict) -> dict:
-    """Final evaluation on both tables (student computed; base and teachers from their cached
-    per-image scores), the results JSON, the printed tables, the paired gains, grids and curves."""
+def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy, table: dict, rank: int = 0) -> dict:
+    """Final evaluation on both tables, every row on the one loaded backbone: the base with the
+    adapters off, each teacher's adapter at its own CFG, the student's (per-image scores from
+    each checkpoint's cache where they match; every process samples its share of the misses).
+    Then, on rank 0: the results JSON, the printed tables, the paired gains, grids and curves."""
     ck = str(out / "checkpoint")
+    st = runs.settings(base)                                     # shift and grid of the base; each row its own CFG
     rows, per = [], {}
-    for name, path in [("base", base)] + [(f"teacher {t}", p) for t, p in by_task.items()] + [("DiffusionOPD student", ck)]:
-        per[name] = E.evaluate_checkpoint(path, cfg.eval_n, cfg.eval_heldout_n, policy=policy if path == ck else None,
-                                          prompt_dir=cfg.prompt_dir or None)
+    for name, path, adapter, g in [("base", base, None, st["cfg"])] + \
+            [(f"teacher {t}", p, t, ch.g_teacher[t]) for t, p in by_task.items()] + \
+            [("DiffusionOPD student", ck, "student", ch.g_student)]:
+        policy.use(adapter)
+        per[name] = E.evaluate_checkpoint(path, cfg.eval_n, cfg.eval_heldout_n, policy=policy,
+                                          prompt_dir=cfg.prompt_dir or None, st=st | {"cfg": g})
         rows.append({"name": name, "path": os.path.relpath(path),
                      "scores": {k: float(v.mean()) for k, v in per[name].get("train", {}).items()},
                      "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
@@ -406,6 +416,9 @@ def report(cfg, out: Path, base: str, by_task: dict, policy: S.Policy, table: di
             gains.setdefault(split, {})[t] = {"student_minus_base": s_b, "se": se_sb, "teacher_minus_base": t_b,
                                               "se_teacher": se_tb, "closed": s_b / t_b if t_b else float("nan")}
     res["gains"] = gains
+    policy.use("student")
+    if rank > 0:
+        return res
     meta = runs.read_meta(ck)
     meta["scores"] = rows[-1]["scores"] | {"n": cfg.eval_n}
     runs.write_json_atomic(Path(ck) / runs.META, meta)

@@ -25,6 +25,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import runs
 import sampler as S
@@ -62,18 +63,30 @@ def eval_prompts(task: str, split: str, n: int, table: dict | None = None) -> li
 def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, batch: int = 0,
              split: str = "train", table: dict | None = None) -> np.ndarray:
     """Per-image scores of the policy's ACTIVE adapter on n prompts of `task`'s `split` (table:
-    the base's task table, default tasks_for(the policy's base); batch 0: 64 toy, 8 SD3 images)."""
+    the base's task table, default tasks_for(the policy's base); batch 0: 64 toy, 8 SD3 images).
+    With several processes (torchrun) every process calls this: process r samples and scores
+    images r, r + W, ... and all of them get every score (one process gives the same numbers).
+    On a GPU the transformer passes run under bf16 autocast, as Stage 2's."""
     from tqdm import tqdm
     g = policy.guidance if guidance is None else guidance
     table = table or tasks_for(policy.base_path)
     batch = batch or (8 if policy.vae is not None else 64)
     ps = eval_prompts(task, split, n, table)
-    out = []
-    for i in tqdm(range(0, n, batch), desc=f"eval {task} ({split})", leave=False, disable=n <= batch):
-        imgs = S.sample(policy, ps[i:i + batch], [EVAL_SEED + k for k in range(i, min(i + batch, n))],
-                        EVAL_STEPS, policy.shift, g, batch)
-        out.append(table[task].reward(imgs, ps[i:i + batch], strict=True))
-    return np.concatenate(out).astype(np.float64)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist else (1, 0)
+    mine = list(range(rank, n, world))
+    out = np.zeros(n, np.float64)
+    for b in tqdm(range(0, len(mine), batch), desc=f"eval {task} ({split})", leave=False,
+                  disable=len(mine) <= batch or rank > 0):
+        idx = mine[b:b + batch]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=policy.device.type == "cuda"):
+            imgs = S.sample(policy, [ps[i] for i in idx], [EVAL_SEED + i for i in idx], EVAL_STEPS, policy.shift, g, batch)
+        out[idx] = table[task].reward(imgs, [ps[i] for i in idx], strict=True)
+    if world > 1:                                              # every process gets every image's score
+        got = [None] * world
+        torch.distributed.all_gather_object(got, out)
+        out = np.sum(got, axis=0)                              # each image is non-zero in one process only
+    return out
 
 
 def _stable(v) -> str:
@@ -137,15 +150,17 @@ def reward_version(task: str, table: dict | None = None) -> str:
 _HASHES: dict = {}
 
 
-def weights_hash(path: str | Path) -> str:
+def weights_hash(path: str | Path, base: str | None = None) -> str:
     """The weights every component of a checkpoint uses: its adapter files (teacher / student)
     and every file of its base's model folders (transformer, text encoder(s), tokenizer(s), VAE);
-    a hub id by name. Memoised on the files' sizes and modification times."""
+    a hub id by name. base: the base of an adapter folder without opd.json (a published teacher).
+    Memoised on the files' sizes and modification times."""
     path = Path(path)
     meta = runs.read_meta(path) if path.is_dir() else {}
     if (path / "adapter_config.json").is_file():               # teacher / student, opd.json or not
         files = [path / "adapter_config.json", path / "adapter_model.safetensors"]
-        extra = weights_hash(runs.resolve_base(path, meta)) if meta.get("base") else ""
+        base = runs.resolve_base(path, meta) if meta.get("base") else base
+        extra = weights_hash(base) if base else ""
     elif path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.parent != path
                        or f.name == "model_index.json")
@@ -163,12 +178,16 @@ def weights_hash(path: str | Path) -> str:
     return _HASHES[stamp]
 
 
-def protocol(task: str, split: str, n: int, cfg: float, shift: float, resolution, table: dict | None = None) -> dict:
-    """Everything that changes a score of one (task, split) evaluation, except the weights."""
+def protocol(task: str, split: str, n: int, cfg: float, shift: float, resolution, table: dict | None = None,
+             sigma_min: float = 0.0) -> dict:
+    """Everything that changes a score of one (task, split) evaluation, except the weights
+    (sigma_min: the SD3 scheduler's grid, sampler.time_grid; absent for the toy's)."""
     ps = eval_prompts(task, split, n, table)
     proto = {"task": task, "split": split, "n": n, "prompts_sha": hashlib.sha256("\n".join(ps).encode()).hexdigest()[:16],
              "seed": EVAL_SEED, "steps": EVAL_STEPS, "shift": float(shift), "resolution": resolution,
              "cfg": float(cfg), "strict": True, "reward_version": reward_version(task, table)}
+    if sigma_min:
+        proto["sigma_min"] = float(sigma_min)
     if (table or TASKS)[task].source:                          # real scale: the prompt files (GenEval metadata)
         proto["prompt_files"] = (table or TASKS)[task].source
     return proto
@@ -198,25 +217,34 @@ def _load_json(f: Path) -> dict:
 
 
 def evaluate_checkpoint(path: str, n: int = 256, heldout_n: int = HELDOUT_N, tasks=toy.TASK_NAMES,
-                        policy=None, export: bool = False, prompt_dir=None) -> dict[str, dict[str, np.ndarray]]:
+                        policy=None, export: bool = False, prompt_dir=None,
+                        st: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-image scores {split: {task: (n,)}} of a checkpoint on both tables, from its cache
-    where the key matches, else computed (policy: an already loaded one to use). export=True
-    (rewards.py --export-scores) writes exactly these entries into the checkpoint's own
-    scores.json (and their means into its opd.json), the one way scores enter base/ or ckpts/."""
+    where the key matches, else computed. policy: an already loaded one, with the checkpoint's
+    adapter ACTIVE (use(None) for a base); st: its settings (runs.settings) where its folder
+    cannot tell them - a published teacher without opd.json on the base st["base"], at its task's
+    CFG. With several processes every process calls this; rank 0's cache decides and is written.
+    export=True (evaluate.py --export-scores) writes exactly these entries into the checkpoint's
+    own scores.json (and their means into its opd.json), the one way scores enter base/ or ckpts/."""
     path = Path(path)
-    st = runs.settings(path)
+    st = st or runs.settings(path)
     table = tasks_for(st["base"], prompt_dir)
-    weights = weights_hash(path)
+    weights = weights_hash(path, base=st["base"] if str(st["base"]) != str(path) else None)
     res = _resolution(st["base"])
     read_f, write_f = _cache_files(path)
-    cache = _load_json(read_f) | _load_json(write_f)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    cache = [_load_json(read_f) | _load_json(write_f) if rank == 0 else None]
+    if dist:
+        torch.distributed.broadcast_object_list(cache)         # every process decides with rank 0's cache
+    cache = cache[0]
     out, used, dirty = {}, {}, False
     for split, k in zip(SPLITS, (n, heldout_n)):
         if k <= 0:
             continue
         out[split] = {}
         for task in tasks:
-            proto = protocol(task, split, k, st["cfg"], st["shift"], res, table)
+            proto = protocol(task, split, k, st["cfg"], st["shift"], res, table, st.get("sigma_min", 0.0))
             key = cache_key(proto, weights)
             if key not in cache:
                 if policy is None:
@@ -227,6 +255,8 @@ def evaluate_checkpoint(path: str, n: int = 256, heldout_n: int = HELDOUT_N, tas
                 dirty = True
             out[split][task] = np.array(cache[key]["scores"], dtype=np.float64)
             used[key] = cache[key]
+    if rank > 0:
+        return out
     if export:                                                 # the scores and opd.json's summary of them
         runs.write_json_atomic(read_f, used)
         if "train" in out and (path / runs.META).is_file():
@@ -380,6 +410,8 @@ def main(argv=None):
             return
         if not args.ckpts:
             raise runs.CheckpointError("no checkpoints given; pass folders to evaluate (or --geneval-prompts DIR)")
+        if args.json:
+            runs.output_file(args.json, "--json")              # its folder made (or refused) before the work
         for c in args.ckpts:
             if not Path(c).is_dir() and (c.startswith((".", "/")) or c.count("/") != 1):
                 raise runs.CheckpointError(f"{c}: no such checkpoint folder (and not a hub id like owner/name)")

@@ -3,7 +3,7 @@
 At real scale (an SD3 base; README, "Real scale") the three task names of rewards.TASKS take their
 prompts from a prompt folder (read_prompts; the example set prompts/, or write_geneval_prompts'
 output) and the paper's Sec. 9 rewards, in this process: GenEval's rules on Mask2Former detections
-with a CLIP colour classifier (GenEvalScorer), PP-OCR with detection (rewards.ocr_reward at 512 px),
+with a CLIP colour classifier (GenEvalScorer), PP-OCR with detection as Flow-GRPO runs it (ocr_real_reward),
 PickScore for the aesthetic task. tasks_for(base) picks the task table: a toy base rewards.TASKS,
 an SD3 base real_tasks(prompt_dir).
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import runs
-from rewards import POS_MARGIN, SPLITS, TASKS, Task, _check, ocr_reward, relations
+from rewards import POS_MARGIN, SPLITS, TASKS, Task, _check, ocr_score, ocr_target, relations
 
 
 # ---------------------------------------------------------------------------------
@@ -26,8 +26,7 @@ from rewards import POS_MARGIN, SPLITS, TASKS, Task, _check, ocr_reward, relatio
 # ---------------------------------------------------------------------------------
 # The paper scores SD3.5-Medium samples with (Sec. 9): GenEval = a Mask2Former (Swin-S, COCO
 # instance) detector + a CLIP ViT-L/14 colour classifier applying GenEval's per-prompt rules;
-# OCR = PP-OCR with the Levenshtein score (ocr_reward above already runs rapidocr's detection +
-# recognition on images larger than 64 px: no new code); PickScore; ClipScore. Everything here
+# OCR = PP-OCR with the Levenshtein score (ocr_real_reward); PickScore; ClipScore. Everything here
 # runs in this process on transformers models (no reward servers, no mmcv/mmdet, no Paddle),
 # loaded lazily from the hub cache or a local folder: a model that is not there is one line,
 # runs.CheckpointError, naming the download command. Deviations from GenEval's own code
@@ -38,8 +37,9 @@ from rewards import POS_MARGIN, SPLITS, TASKS, Task, _check, ocr_reward, relatio
 #   2. square images are assumed (SD3.5-M samples at 512 x 512): the mask logits then cover the
 #      whole image, and one bilinear resize to (H, W) stands in for mmdet's two (to the padded
 #      input, then to the original size).
-#   3. strict=False returns the fraction of satisfied rules (RL's denser signal); strict=True is
-#      GenEval's 0/1.
+#   3. strict=True is GenEval's 0/1 (evaluation); strict=False is the Stage 1 RL reward as
+#      Flow-GRPO's reward server computes it: each requested count scores 1 - |n - found| / n
+#      over ALL of the class's detections (exact counts), no exclude rules (geneval_rules).
 
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 # GenEval's object_names.txt: COCO's 80 classes in COCO's order, three of them renamed
@@ -133,7 +133,10 @@ def geneval_rules(meta, detections, colour_of, strict=True):
                  which must itself have matched (else no target: fails)
     An include that fails a rule is unmatched: its later rules count as failed (GenEval skips
     them) and a position naming it has no target. Each exclude {"class", "count"} fails when the
-    class has >= count detections (counting prompts: n + 1, so exactly n)."""
+    class has >= count detections (counting prompts: n + 1, so exactly n).
+    strict=False (Stage 1's RL reward, Flow-GRPO's): the mean of the rule terms, where presence
+    is 1 - min(|n - found|, n) / n with found = ALL the class's kept detections (so too many
+    objects cost too), and exclude rules are left out."""
     thr = GENEVAL_COUNT_THRESHOLD if meta["tag"] == "counting" else GENEVAL_THRESHOLD
     by_class = {}
     for d in sorted(detections, key=lambda d: -d["score"]):
@@ -142,9 +145,10 @@ def geneval_rules(meta, detections, colour_of, strict=True):
             found.append(d)
     conds, groups = [], []
     for req in meta.get("include", []):
-        found = by_class.get(req["class"], [])[:req["count"]]
-        ok = len(found) == req["count"]
-        conds.append(ok)
+        n, every = req["count"], by_class.get(req["class"], [])
+        found = every[:n]
+        ok = len(found) == n
+        conds.append(ok if strict else 1.0 - min(abs(n - len(every)), n) / n)
         if "color" in req:
             ok = ok and all(c == req["color"] for c in colour_of(found))
             conds.append(ok)
@@ -155,7 +159,7 @@ def geneval_rules(meta, detections, colour_of, strict=True):
                                             for a in found for b in target)
             conds.append(ok)
         groups.append(found if ok else None)
-    for req in meta.get("exclude", []):
+    for req in meta.get("exclude", []) if strict else []:
         conds.append(len(by_class.get(req["class"], [])) < req["count"])
     return float(all(conds)) if strict or not conds else float(np.mean(conds))
 
@@ -332,8 +336,28 @@ def _scorer(cls):
 
 
 def geneval_real_reward(images, metas, strict=True):
-    """GenEval at real scale: 0/1 per image (strict), else the fraction of rules (RL)."""
+    """GenEval at real scale: 0/1 per image (strict), else Flow-GRPO's RL score (geneval_rules)."""
     return _scorer(GenEvalScorer)(images, metas, strict)
+
+
+@functools.cache
+def _ocr_engine():
+    from rapidocr_onnxruntime import RapidOCR                   # PP-OCR's models inside the wheel
+    return RapidOCR()
+
+
+def ocr_real_reward(images, prompts, strict=True):
+    """OCR at real scale (Sec. 9's score, rewards.ocr_score) on PP-OCR set as Flow-GRPO calls
+    PaddleOCR(use_angle_cls=False, lang="en"): text detection + recognition, no angle classifier
+    (use_cls=False) and every read kept (text_score 0: rapidocr's default drops reads under 0.5
+    confidence), the reads joined. strict is unused: the score is the metric. The wheel ships
+    PP-OCRv4's Chinese + English recogniser, not PaddleOCR's English one (docs/real_scale.md)."""
+    _check(images, prompts)
+    engine, out = _ocr_engine(), []
+    for im, p in zip(images, prompts):
+        res = engine(np.ascontiguousarray(im[..., ::-1]), use_cls=False, text_score=0.0)[0]   # BGR, as cv2
+        out.append(ocr_score("".join(r[1] for r in res) if res else "", ocr_target(p)))
+    return np.array(out, dtype=np.float64)
 
 
 def pickscore_reward(images, prompts, strict=True):
@@ -512,7 +536,7 @@ def real_tasks(prompt_dir: str | Path | None = None) -> dict:
             def reward(images, prompts, strict=True, specs=specs):
                 return geneval_real_reward(images, [specs[p] for p in prompts], strict)
         else:
-            reward = ocr_reward if name == "ocr" else pickscore_reward
+            reward = ocr_real_reward if name == "ocr" else pickscore_reward
         table[name] = Task(name, train, test, reward, metric, scale, cfg, h.hexdigest()[:16])
     return table
 

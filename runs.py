@@ -177,34 +177,48 @@ def check_safetensors(folder: Path) -> None:
 
 def settings(path: str | Path) -> dict:
     """What a checkpoint samples with, read without loading weights: its base, its CFG (its own
-    opd.json, else its base's, else 4.5 for an SD3 pipeline - the paper's - and 1.0 for others)
-    and its base's shift (the toy base's opd.json; an SD3 pipeline's scheduler config, 3.0 for
-    SD3.5-M). Policy uses the same."""
+    opd.json, else its base's, else 4.5 for an SD3 pipeline - the paper's - and 1.0 for others),
+    its base's shift and sigma_min (the toy base's opd.json: sigma_min 0; an SD3 pipeline's
+    scheduler config: shift 3.0 for SD3.5-M, sigma_min = shift(1 / num_train_timesteps)), which
+    sampler.time_grid turns into the grid. Policy uses the same."""
     meta = read_meta(path) if Path(path).is_dir() else {}
     base = resolve_base(path, meta) if meta.get("role") in ("teacher", "student") else str(path)
     bmeta = read_meta(base) if Path(base).is_dir() else {}
     sd3 = not bmeta and (not Path(base).exists() or (Path(base) / "model_index.json").is_file())
-    shift = float(bmeta.get("shift", 1.0)) if not sd3 else _scheduler_shift(base)
+    shift, sigma_min = _scheduler(base) if sd3 else (float(bmeta.get("shift", 1.0)), 0.0)
     return {"base": base, "cfg": float(meta.get("cfg", bmeta.get("cfg", SD3_CFG if sd3 else 1.0))), "shift": shift,
-            "kind": "sd3" if sd3 else "toy"}
+            "sigma_min": sigma_min, "kind": "sd3" if sd3 else "toy"}
 
 
-def _scheduler_shift(base: str) -> float:
-    """An SD3 pipeline's time shift, from scheduler/scheduler_config.json (a folder, or a hub id's
-    file in the local hub cache)."""
+def download_hint(hub_id: str) -> str:
+    return f"download it first (hf download {hub_id}, with network access) or pass a local folder"
+
+
+def _scheduler(base: str) -> tuple[float, float]:
+    """An SD3 pipeline's (shift, sigma_min) from scheduler/scheduler_config.json (a folder, or a hub
+    id's file in the local hub cache). sigma_min is what FlowMatchEulerDiscreteScheduler computes at
+    construction (sigma_min_of)."""
     f = Path(base) / "scheduler" / "scheduler_config.json"
     if not f.is_file():
         from huggingface_hub import try_to_load_from_cache
         hit = try_to_load_from_cache(base, "scheduler/scheduler_config.json")
         if not isinstance(hit, str):
-            raise CheckpointError(f"{base}: its scheduler config is not available offline; download the model "
-                                  "(huggingface-cli download) or pass a local folder")
+            raise CheckpointError(f"{base}: not in the local hub cache; {download_hint(base)}")
         f = Path(hit)
     try:
-        return float(json.loads(f.read_text()).get("shift", 1.0))
+        conf = json.loads(f.read_text())
+        shift, n = float(conf.get("shift", 1.0)), int(conf.get("num_train_timesteps", 1000))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable scheduler config ({e})") from None
+    if conf.get("use_dynamic_shifting"):
+        raise CheckpointError(f"{f}: use_dynamic_shifting is not supported (SD3.5-M uses a fixed shift)")
+    return shift, sigma_min_of(shift, n)
 
+
+def sigma_min_of(shift: float, num_train_timesteps: int = 1000) -> float:
+    """FlowMatchEulerDiscreteScheduler's sigma_min: its last training sigma 1 / n, shifted."""
+    u = 1.0 / num_train_timesteps
+    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 # ------------------------------------------------------------------------------------

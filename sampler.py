@@ -34,11 +34,11 @@ Deliberate deviations / choices
   1. t = 1 step: sigma_t = a sqrt(t / (1 - t)) is infinite at t = 1. We use the released
      (Flow-GRPO) substitution 1 - t -> 1 - t_1 inside sigma_t only. Then the first step has
      cx = 1 - a^2/2, cv = 1, sbar^2 = a^2 exactly (tested), and stays in the loss.
-  2. Grid: shift(linspace(1, 0, N + 1)), which ends exactly at 0. diffusers' default grid
-     instead ends with a tiny last step (it linspaces to sigma_min, which is already
-     shifted at construction, shifts it again, then appends 0: 10 steps at shift 3 end
-     .0089 -> 0). Ours equals diffusers' when the UNSHIFTED linspace(1, 0, N + 1)[:-1] is
-     passed as `sigmas=` to set_timesteps (it shifts them once); tested.
+  2. Grid: at real scale the scheduler's own (what the diffusers pipeline samples and the
+     released teachers were trained on): it linspaces to sigma_min, which is already shifted at
+     construction, shifts again, then appends 0, so 10 steps at shift 3 end .0089 -> 0; tested
+     equal. The toy's grid is shift(linspace(1, 0, N + 1)), ending exactly at 0 (its numbers were
+     made on it). trained_steps leaves out a last step with a negligible share of the loss.
   3. Eq. 11 is implemented as the paper writes it, with the (-dt) in sbar^2. The released
      code divides by 2 sigma_t^2 without it (a weight off by 1/|dt| per step).
   4. Base hash = sha256 of its transformer's safetensors (what adapters sit on); a hub id as is.
@@ -60,19 +60,47 @@ from runs import (META, SD3_CFG, CheckpointError, check_safetensors, content_has
                   resolve_base, settings, write_json_atomic)
 
 SD3_RES = 512                # px: the paper trains and evaluates SD3.5-M at 512 x 512 (Sec. 4)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+T5_TOKENS = 128              # T5 prompt length at real scale: Flow-GRPO's, DiffusionNFT's and the released code's
+# LoRA targets (teachers and students, both scales): the released code's list. "attn." keeps SD3.5-M's
+# second attention of its dual-attention blocks (attn2) out, as the released adapters do; the toy has none.
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+TEXT_DTYPE = {"cuda": torch.float16, "cpu": torch.bfloat16}   # SD3's text encoders: half precision, as the released code
 
 
 
 # ------------------------------------------------------------------------------------
 # 1. time grid (Sec. 2)
 # ------------------------------------------------------------------------------------
-def time_grid(n_steps: int, shift: float = 1.0) -> torch.Tensor:
-    """1 = t_0 > ... > t_N = 0 as float64, with SD3's time shift t -> s t / (1 + (s - 1) t)."""
+def time_grid(n_steps: int, shift: float = 1.0, sigma_min: float = 0.0) -> torch.Tensor:
+    """1 = t_0 > ... > t_N = 0 as float64, with SD3's time shift t -> s t / (1 + (s - 1) t).
+
+    ONE rule, two scales (deviation 2): sigma_min = 0 (the toy): shift(linspace(1, 0, N + 1)),
+    ending exactly at 0. sigma_min > 0 (an SD3 base: its scheduler's sigma_min, runs.settings):
+    what diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(N) samples - shift(linspace(1,
+    sigma_min, N)) followed by 0, so the last step is tiny (.0089 -> 0 at shift 3, 10 steps)."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
-    return shift * u / (1.0 + (shift - 1.0) * u)
+    if sigma_min > 0.0:
+        u = torch.linspace(1.0, sigma_min, n_steps, dtype=torch.float64)
+    else:
+        u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+    t = shift * u / (1.0 + (shift - 1.0) * u)
+    return torch.cat([t, t.new_zeros(1)]) if sigma_min > 0.0 else t
+
+
+NEGLIGIBLE = 0.01            # a last step below this share of the per-step KL weight is not trained
+
+
+def trained_steps(grid: torch.Tensor, a: float, fraction: float = 1.0) -> int:
+    """How many leading steps of `grid` are trained: floor(fraction * N) (at least 1), less a last
+    step that carries under NEGLIGIBLE of the summed per-step KL weight (velocity_kl_weight at noise
+    level a). The scheduler's grid (deviation 2) ends .0089 -> 0: 0.05% of the Eq. 12 weight at 10
+    steps, so 9 of 10 train - the released code's schedule; the toy's 0.1 -> 0 carries 10%: all 10."""
+    n = len(grid) - 1
+    k = max(1, min(n, math.floor(fraction * n)))
+    w = [velocity_kl_weight(float(grid[j]), float(grid[j + 1]), a) for j in range(n)]
+    return k - 1 if k == n > 1 and w[-1] < NEGLIGIBLE * sum(w) else k
 
 
 # ------------------------------------------------------------------------------------
@@ -183,7 +211,7 @@ class Policy:
         self.active: str | None = None
         self.adapters: dict[str, dict] = {}                    # name -> metadata
         st = settings(adapter or path)                        # the checkpoint's own CFG, its base's shift
-        self.guidance, self.shift, self.meta = st["cfg"], st["shift"], self.base_meta
+        self.guidance, self.shift, self.sigma_min, self.meta = st["cfg"], st["shift"], st["sigma_min"], self.base_meta
         if adapter is not None:
             name = meta.get("task") or meta["role"]
             self.add_adapter(name, adapter)
@@ -191,7 +219,7 @@ class Policy:
             self.meta = meta
 
     @classmethod
-    def from_transformer(cls, transformer, shift: float = 3.0, guidance: float = SD3_CFG,
+    def from_transformer(cls, transformer, shift: float = 3.0, guidance: float = SD3_CFG, sigma_min: float | None = None,
                          device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> "Policy":
         """A Policy around a bare SD3Transformer2DModel: no text encoders, no VAE, no folder.
         velocity (with CFG), adapters and use() are the usual ones; encode() is NOT available
@@ -207,6 +235,7 @@ class Policy:
         self.transformer = transformer.to(self.device, dtype).requires_grad_(False).eval()
         self.net, self.active, self.adapters = self.transformer, None, {}
         self.guidance, self.shift = float(guidance), float(shift)
+        self.sigma_min = runs.sigma_min_of(shift) if sigma_min is None else float(sigma_min)   # SD3's scheduler
         return self
 
     # -- loading ------------------------------------------------------------------
@@ -247,10 +276,13 @@ class Policy:
                 if not (Path(path) / f).is_dir():
                     raise CheckpointError(f"{path}: SD3 pipeline folder is missing {f}/ (model_index.json lists it)")
                 check_safetensors(Path(path) / f)
+        half = TEXT_DTYPE[self.device.type]                    # the text encoders (T5-XXL: 4.7B) in half precision
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=self.dtype)
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype={"default": self.dtype, "text_encoder": half,
+                                                                         "text_encoder_2": half, "text_encoder_3": half})
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot load an SD3 pipeline ({str(e).splitlines()[0]})") from None
+            hint = "" if Path(path).is_dir() else "; " + runs.download_hint(path)
+            raise CheckpointError(f"{path}: cannot load an SD3 pipeline ({str(e).splitlines()[0][:200]}){hint}") from None
         pipe.to(self.device)
         for m in filter(None, (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)):
             m.requires_grad_(False).eval()
@@ -326,8 +358,9 @@ class Policy:
         if self.pipe is not None:
             e, ne, p, np_ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
                                                      do_classifier_free_guidance=True,
-                                                     negative_prompt=[""] * len(prompts))
-            return {"emb": e, "pooled": p, "uemb": ne, "upooled": np_}
+                                                     negative_prompt=[""] * len(prompts),
+                                                     max_sequence_length=T5_TOKENS)
+            return {k: v.to(self.dtype) for k, v in {"emb": e, "pooled": p, "uemb": ne, "upooled": np_}.items()}
         def enc(texts):
             tok = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
                                  max_length=self.tokenizer.model_max_length)
@@ -414,7 +447,7 @@ def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 
            guidance: float | None = None, batch: int = 64) -> "np.ndarray":
     """Evaluation sampler: first-order ODE (a = 0), 40 steps as in the paper; uint8 images."""
     import numpy as np
-    grid, out = time_grid(n_steps, shift), []
+    grid, out = time_grid(n_steps, shift, policy.sigma_min), []
     for i in range(0, len(prompts), batch):
         cond = policy.encode(prompts[i:i + batch])
         x = initial_noise(policy.latent_shape(), seeds[i:i + batch], policy.device, policy.dtype)

@@ -323,7 +323,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         p.requires_grad_(True)
     policy.use("teacher")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    grid = S.time_grid(cfg.steps, policy.shift)
+    grid = S.time_grid(cfg.steps, policy.shift, policy.sigma_min)
     shape = policy.latent_shape()
     start, before = 0, 0.0                                     # before: seconds spent before a resume
     state = {"params": params} | ({"old": old_params} if nft else {})
