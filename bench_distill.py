@@ -97,7 +97,7 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
 TINY = dict(SD35M, sample_size=16, num_layers=2, attention_head_dim=32, num_attention_heads=4,
             joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=64,
             pos_embed_max_size=16, dual_attention_layers=(0,))
-# size -> (transformer config, text tokens, latent side): SD3 text = 77 CLIP + 256 T5 tokens;
+# size -> (transformer config, text tokens, latent side): SD3 text = 77 CLIP + 128 T5 tokens;
 # the paper's 512 px (sampler.SD3_RES) through the VAE's factor 8
 SIZES = {"tiny": (TINY, 32, 16), "full": (SD35M, 77 + S.T5_TOKENS, S.SD3_RES // 8)}
 LIMIT_80GB = 78 * 2**30                      # usable bytes on an 80 GB GPU (see fit_80gb above)
@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=pos, default=None, help="--size toy: prompts per task per round (default: 16)")
     ap.add_argument("--batches", default=None,
                     help="--size tiny|full: prompts per task on one device, comma-separated (default: 1,2,4,8)")
-    ap.add_argument("--steps", type=pos, default=10, help="rollout grid steps, every one trained (default: 10)")
+    ap.add_argument("--steps", type=pos, default=10, help="rollout grid steps; trained as distill.py trains them (sampler.trained_steps) (default: 10)")
     ap.add_argument("--repeats", type=pos, default=3, help="timed repeats of each schedule after a warm-up (default: 3)")
     ap.add_argument("--teachers", type=pos, default=None,
                     help="--size tiny|full: teacher LoRAs on the backbone, K (default: 3)")
@@ -457,8 +457,8 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         runs.write_json_atomic(args.json, res)                   # temporary file, then os.replace
     print(f"\nSD3.5-M {args.size} on {device} ({res['precision']}): {k} teacher LoRAs + the student LoRA (r 32) "
-          f"on one backbone of {res['backbone_params'] / 1e6:.1f}M params; CFG {g}, {args.steps} steps at shift 3, "
-          f"all trained; seconds per round, median of {args.repeats}, torch threads {res['torch_threads']}")
+          f"on one backbone of {res['backbone_params'] / 1e6:.1f}M params; CFG {g}, the scheduler's {args.steps}-step grid at shift 3, "
+          f"{n_train} trained; seconds per round, median of {args.repeats}, torch threads {res['torch_threads']}")
     print(f"{'batch':>5} {'fused':>8} {'3-pass':>8} {'floor':>8} {'fused/floor':>12} {'3-pass/floor':>13} "
           f"{'3-pass/fused':>13} {'peak MiB':>9} {'built MiB':>10}")
     for r in res["batches"]:

@@ -29,7 +29,8 @@ Deliberate deviations from the paper (its Sec. 4 setup and the released code)
      round, grad clip 1.0, AdamW betas (0.9, 0.999), wd 1e-4, as the paper.
   3. Aggregation: per step the KL is a MEAN over dimensions; steps and tasks are averaged (Eq. 4
      sums over steps: a constant factor), as the released code. Trained steps: every step at toy
-     scale; --train-fraction 0.99 leaves out the last (the released 9 of 10; sampler.time_grid).
+     scale, whose grid ends 0.1 -> 0 (10% of the weight); at real scale the scheduler's grid ends
+     .0089 -> 0 (0.05%), which sampler.trained_steps leaves out: the released 9 of 10.
   4. Data parallel by hand: the student's LoRA gradients are all-reduced after the round's
      backward passes (DDP's wrapper cannot follow one backbone switching adapters in a step).
   5. Task balance (--balance, default; --no-balance is the paper's plain task average): each
@@ -252,7 +253,7 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
     ch = Chain(grid, cfg.noise_level, n_train, g_student, g_teacher, cfg.bf16, cfg.prompts,
                slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world))
     # the resolved config: every flag, plus base and teachers by resolved path AND weights (a resume
-    # under anything else is refused, naming the keys - README, "Run folders")
+    # under anything else is refused, naming the keys - docs/formats.md, "Run folders")
     conf = dataclasses.asdict(cfg) | {
         "base": {"path": str(Path(base).resolve()) if Path(base).is_dir() else base, "weights": E.weights_hash(base)},
         "teachers": {t: {"path": str(Path(p).resolve()), "weights": E.weights_hash(p)} for t, p in by_task.items()},

@@ -4,7 +4,7 @@ Per task, n images: prompt i = split[i % len] (a short list repeats with fresh n
 starts from the noise of seed EVAL_SEED + i in EVERY checkpoint (paired comparisons), 40-step
 first-order ODE, each checkpoint's own CFG and its base's shift, strict (0/1) GenEval. Two
 tables: the primary one on the `train` prompts (the prompts RL and distillation use), a held-out
-one on `test` (README, "Evaluation"). Differences between checkpoints come with paired standard
+one on `test` (docs/formats.md, "Evaluation protocol"). Differences between checkpoints come with paired standard
 errors (paired); the paper's Average is the min-max rule over the rows shown (minmax_average),
 and average_difference bootstraps the difference of two rows' Averages.
 
@@ -35,14 +35,14 @@ from real_rewards import tasks_for, write_geneval_prompts
 
 
 # ---------------------------------------------------------------------------------
-# evaluation: the protocol, the score cache, the results tables (README, "Evaluation")
+# evaluation: the protocol, the score cache, the results tables (docs/formats.md, "Evaluation protocol")
 # ---------------------------------------------------------------------------------
 # Per task, n images: prompt i = split[i % len] (a short list repeats with fresh noise), image i
 # starts from the noise of seed EVAL_SEED + i in EVERY checkpoint (paired comparisons), 40-step
 # first-order ODE, each checkpoint's own CFG and its base's shift, strict (0/1) GenEval.
 # Two tables: the primary one on the `train` prompts - the prompts RL and distillation use: the
 # toy is a closed world, like an RL environment, and at 3M parameters what RL learns on its
-# prompts does not transfer to others (README, "Evaluation") - and a held-out one on `test`.
+# prompts does not transfer to others (docs/formats.md, "Evaluation protocol") - and a held-out one on `test`.
 EVAL_SEED = 10_000
 EVAL_STEPS = 40
 HELDOUT_N = 64              # images per task in the held-out table (primary: 256)
@@ -381,7 +381,7 @@ def row_name(path: str) -> str:
 
 
 def main(argv=None):
-    ap = runs.Parser(description="Evaluate checkpoints with the protocol (README, 'Evaluation'): both "
+    ap = runs.Parser(description="Evaluate checkpoints with the protocol (docs/formats.md, 'Evaluation protocol'): both "
                                              "tables, paired to the first checkpoint given.")
     ap.add_argument("ckpts", nargs="*", help="checkpoint folders (base/, ckpts/*, runs/.../checkpoint); the first is "
                                              "the reference of the paired differences")

@@ -192,11 +192,11 @@ def study_noise(cfg: ExperimentConfig) -> dict:
     and the rounds to 90% of the a = 0 run's final KL reduction (the paper: ODE up to 5x more
     sample-efficient than a = 0.7)."""
     tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
-    runs = {a: opd_run(cfg, "a0-s0" if a == 0 else f"a{a}-s0", noise_level=a) for a in (0.0, 0.3, 0.7)}
+    by_a = {a: opd_run(cfg, "a0-s0" if a == 0 else f"a{a}-s0", noise_level=a) for a in (0.0, 0.3, 0.7)}
     res = {"tasks": tasks, "runs": {}}
-    r0, kl0 = kl_rounds(log_of(runs[0.0]), tasks)
+    r0, kl0 = kl_rounds(log_of(by_a[0.0]), tasks)
     target = kl0[0] - 0.9 * (kl0[0] - kl0[-1])                   # 90% of a = 0's final reduction
-    for a, run in runs.items():
+    for a, run in by_a.items():
         log = log_of(run)
         rr, kl = kl_rounds(log, tasks)
         res["runs"][str(a)] = {"path": os.path.relpath(run), "rounds": rr, "probe_kl": kl.tolist(),
@@ -209,7 +209,7 @@ def study_noise(cfg: ExperimentConfig) -> dict:
         res["runs"][a]["ratio_to_ode"] = [x / b if b and math.isfinite(x) else math.inf
                                           for x, b in zip(res["runs"][a]["rounds_to_90pct"], base_r)]
     write_results(cfg, "noise", res)
-    figure_curves(cfg, "noise", {f"a = {a}": run for a, run in runs.items()}, tasks)
+    figure_curves(cfg, "noise", {f"a = {a}": run for a, run in by_a.items()}, tasks)
     return res
 
 
@@ -251,13 +251,13 @@ def study_estimators(cfg: ExperimentConfig) -> dict:
     tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
     res = {"tasks": tasks, "variance": gradient_spread(cfg, opd_run(cfg, "a0-s0") / "checkpoint"), "runs": {}}
     figure_spread(cfg, res["variance"])
-    runs = {}
+    by_name = {}
     for e in A.ESTIMATORS:                                        # the results JSON grows run by run
         write_results(cfg, "estimators", res)
-        runs[e] = run = opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
+        by_name[e] = run = opd_run(cfg, "a0.7-s0" if e == "closed" else f"a0.7-{e}-s0", noise_level=0.7, estimator=e)
         res["runs"][e] = run_summary(run, tasks)
     write_results(cfg, "estimators", res)
-    figure_curves(cfg, "estimators", runs, tasks)
+    figure_curves(cfg, "estimators", by_name, tasks)
     return res
 
 
@@ -289,12 +289,12 @@ def study_sft(cfg: ExperimentConfig) -> dict:
     """Off-policy SFT on the teachers' own samples (as many images as OPD's rollouts) vs on-policy
     distillation: the KL at the student's own states (probe) and the rewards."""
     tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
-    runs = {"DiffusionOPD (on-policy)": opd_run(cfg, "a0-s0"), "SFT (off-policy)": opd_run(cfg, "sft-s0", objective="sft")}
+    by_name = {"DiffusionOPD (on-policy)": opd_run(cfg, "a0-s0"), "SFT (off-policy)": opd_run(cfg, "sft-s0", objective="sft")}
     res = {"tasks": tasks, "runs": {}}
-    for name, run in runs.items():
+    for name, run in by_name.items():
         res["runs"][name] = run_summary(run, tasks)
     write_results(cfg, "sft", res)
-    figure_curves(cfg, "sft", runs, tasks)
+    figure_curves(cfg, "sft", by_name, tasks)
     return res
 
 
@@ -348,13 +348,13 @@ def render_study(study: str, res: dict) -> str:
     raise ValueError(study)
 
 
-def figure_curves(cfg: ExperimentConfig, study: str, runs: dict, tasks: list[str]) -> Path:
+def figure_curves(cfg: ExperimentConfig, study: str, by_name: dict, tasks: list[str]) -> Path:
     """docs/studies/<study>.png: per task, the probe KL of every run against rounds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
-    for name, run in runs.items():
+    for name, run in by_name.items():
         rr, kl = kl_rounds(log_of(run), tasks)
         for m, t in enumerate(tasks):
             axes[0, m].plot(rr, kl[:, m], "o-", ms=3, label=str(name))

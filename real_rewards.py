@@ -184,7 +184,7 @@ def _hub_model(cls, model_id, what):
     except (OSError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise runs.CheckpointError(f"{model_id}: the {what} model is not available ({reason}); "
-                                f"download it first: huggingface-cli download {model_id}") from None
+                                   + runs.download_hint(model_id)) from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,14 +2,14 @@
 
 Nothing here is the paper's math (that is sampler.py); this file only moves bytes safely:
 
-  * checkpoints: a folder of standard weights plus one opd.json (README, "Checkpoints"):
+  * checkpoints: a folder of standard weights plus one opd.json (docs/formats.md, "Checkpoints"):
     read_meta, resolve_base (its base by relative path + hash, or a hub id), settings (what a
     checkpoint samples with: CFG, shift), export_checkpoint (the one way into base/ and ckpts/);
   * atomic writes: write_json_atomic, replace_dir - a temporary name, then a rename;
   * resume state: save_state / load_state, safetensors for tensors, JSON for the rest, never a
     pickle, two slots so a kill at any moment leaves the last state whole;
   * run folders: open_run creates or reopens one under its config, holds it with a lock for one
-    process at a time, and refuses anything it must not touch (README, "Run folders");
+    process at a time, and refuses anything it must not touch (docs/formats.md, "Run folders");
   * processes: layout reads torchrun's environment (one GPU per process, NCCL; gloo on CPUs);
   * flags: arg() declares a config field with its help text and check, config_parser turns a
     config dataclass into an argparse parser (one line and exit 2 on a bad value).
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-META = "opd.json"            # the one metadata file of every checkpoint (README, "Checkpoints")
+META = "opd.json"            # the one metadata file of every checkpoint (docs/formats.md, "Checkpoints")
 SD3_CFG = 4.5                # the paper's CFG for SD3.5-M (Sec. 4): an SD3 checkpoint's default
 
 
 # ------------------------------------------------------------------------------------
-# 4. checkpoints: one folder, standard weights + opd.json (README, "Checkpoints")
+# 4. checkpoints: one folder, standard weights + opd.json (docs/formats.md, "Checkpoints")
 # ------------------------------------------------------------------------------------
 class CheckpointError(Exception):
     """A checkpoint folder that cannot be used. CLIs print str(e) on one line, exit 2."""
@@ -222,7 +222,7 @@ def sigma_min_of(shift: float, num_train_timesteps: int = 1000) -> float:
 
 
 # ------------------------------------------------------------------------------------
-# run folders and command lines (README, "Run folders"): shared by toy, teachers, distill
+# run folders and command lines (docs/formats.md, "Run folders"): shared by toy, teachers, distill
 # ------------------------------------------------------------------------------------
 REPO = Path(__file__).resolve().parent
 SHIPPED = ("base", "ckpts")                                    # only an export writes into these
@@ -345,7 +345,7 @@ def arg(default, help: str, check: str = ""):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):                                  # one line, exit 2 (README, "Errors")
+    def error(self, message):                                  # one line, exit 2 (docs/formats.md, "Errors")
         print(f"error: {message}; see --help", file=sys.stderr)
         sys.exit(2)
 

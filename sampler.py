@@ -243,7 +243,7 @@ class Policy:
         from diffusers import SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
         if not path.is_dir():
-            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder (README, 'Checkpoints')")
+            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder (docs/formats.md, 'Checkpoints')")
         for part in ("transformer", "text_encoder", "tokenizer"):
             if not (path / part).is_dir():
                 raise CheckpointError(f"{path}: missing {part}/; a model folder needs transformer/, "

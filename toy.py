@@ -511,7 +511,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             print(json.dumps({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)}), file=log, flush=True)
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             runs.save_state(out / "state", {"params": params, "ema": ema}, opt, {"step": step + 1})
-    # ---- export the EMA weights as a checkpoint of the contract (README, "Checkpoints") ----
+    # ---- export the EMA weights as a checkpoint of the contract (docs/formats.md, "Checkpoints") ----
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)

@@ -1,0 +1,219 @@
+"""The scripts as a whole: one import direction (no cycle), --help that helps, bench_distill.py at
+SD3.5-M's architecture (tiny, on the CPU) and Policy.from_transformer, and experiments.py's every
+study with tiny budgets."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ablations as A
+import bench_distill as B
+import runs
+import sampler as S
+from conftest import REPO
+
+
+# ---- one import direction, help that helps --------------------------------------------------
+def test_imports_have_no_cycle():
+    """runs <- sampler <- toy <- rewards <- the rest (evaluate, teachers, distill, ablations and the
+    tools on top): an AST walk over the imports of every module at the repository root, those
+    inside functions included, finds no cycle, and the bottom four import only what is below them."""
+    import ast
+    mods = {p.stem: p for p in REPO.glob("*.py")}
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            graph[m] |= {n.split(".")[0] for n in names if n.split(".")[0] in mods and n.split(".")[0] != m}
+    assert {"runs", "sampler", "toy", "rewards", "evaluate", "distill", "ablations"} <= set(mods), sorted(mods)
+    order = ["runs", "sampler", "toy", "rewards"]
+    for i, m in enumerate(order):
+        assert graph[m] <= set(order[:i]), f"{m} imports {graph[m] - set(order[:i])}, above it"
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path + [m]))
+        if state.get(m) != 2:
+            state[m] = 1
+            for n in sorted(graph[m]):
+                visit(n, path + [m])
+            state[m] = 2
+    for m in sorted(graph):
+        visit(m, [])
+
+
+@pytest.mark.parametrize("script", ["distill", "ablations", "teachers", "multitask", "toy", "evaluate", "sampler",
+                                    "bench_distill", "experiments"])
+def test_every_flag_has_help(script, monkeypatch):
+    """Every flag of every script says what it does (3 words or more) and its default (for the config
+    dataclasses: the help of the field's arg(), one source for code and terminal)."""
+    import argparse
+    got = []
+
+    class Caught(Exception):
+        pass
+
+    def capture(self, *a, **k):
+        got.append(self)
+        raise Caught
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Caught):
+        __import__(script).main([])
+    flags = [act for act in got[0]._actions if act.option_strings and act.dest != "help"]
+    assert flags
+    for act in flags:
+        assert act.help and len(act.help.split()) >= 3 and ("default" in act.help or act.required), \
+            (script, act.dest, act.help)
+
+
+# ---- bench_distill.py at SD3.5-M's architecture (tiny on the CPU) and Policy.from_transformer ----
+def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
+    """`bench_distill.py --size tiny` on the CPU (SD3.5-M's architecture, 2 layers, random
+    weights; the scheduler's 10-step grid, 9 steps trained as distill.py trains them): the JSON is
+    printed and written (atomically: no .tmp left), every schedule has a positive time, the ratios
+    are the ones of those times, every batch a peak RSS from its own child process above its
+    after-build baseline, and K teacher adapters on one backbone take less memory than K + 1 full
+    transformers."""
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:                                                       # 1 thread: robust on a shared machine
+        res = B.main(["--size", "tiny", "--batches", "1,2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == res and not list(tmp_path.glob("*.tmp"))
+    assert json.loads(printed.split("\n\nSD3.5-M tiny")[0]) == res, printed[-500:]
+    assert res["size"] == "tiny" and res["device"] == "cpu" and res["teachers"] == 3 and res["cfg"] == 4.5
+    assert res["steps"] == 10 and res["lora"]["r"] == 32 and res["lora"]["alpha"] == 64
+    assert res["trained_steps"] == 9        # the scheduler's grid at shift 3: its last step (.0089 -> 0) is not trained
+    assert [r["batch"] for r in res["batches"]] == [1, 2] and res["torch_threads"] == 1
+    for r in res["batches"]:
+        assert not r["oom"]
+        for k in ("fused_s", "three_pass_s", "floor_s", "floor_student_fwd_bwd_step_s", "floor_teacher_fwd_step_s"):
+            assert r[k] > 0, (r["batch"], k, r[k])
+        assert r["floor_s"] == pytest.approx(9 * (r["floor_student_fwd_bwd_step_s"] + r["floor_teacher_fwd_step_s"]))
+        assert r["fused_over_floor"] == pytest.approx(r["fused_s"] / r["floor_s"])
+        assert r["three_pass_over_floor"] == pytest.approx(r["three_pass_s"] / r["floor_s"])
+        assert r["three_pass_over_fused"] == pytest.approx(r["three_pass_s"] / r["fused_s"])
+        # the two schedules do the same work: the same loss (random teachers: > 0)
+        assert r["kl_fused"] > 0 and r["kl_fused"] == pytest.approx(r["kl_three_pass"], rel=1e-4), r
+        assert 0 < r["pre_build_bytes"] <= r["baseline_bytes"] <= r["peak_bytes"], r
+    lay = res["layouts"]
+    assert lay["batch"] == 1 and lay["adapters"]["peak_bytes"] == res["batches"][0]["peak_bytes"]
+    assert lay["param_ratio"] < 0.5, f"adapters / {3} + 1 copies, parameter bytes: {lay['param_ratio']:.3f} (expected < 0.5)"
+    assert lay["peak_ratio"] < 1, f"adapters / copies, measured peak RSS above pre-build: {lay['peak_ratio']:.3f} (expected < 1)"
+    assert res["fit_80gb"] is None                              # full size on CUDA only
+
+
+def test_policy_from_transformer_velocity_equals_loaded_policy():
+    """Policy.from_transformer around the toy base's transformer gives the loaded Policy's
+    velocity exactly (CFG off, the base's CFG, 4.5), also with the same LoRA on both; its
+    defaults are SD3.5-M's shift 3 and the paper's CFG 4.5."""
+    from peft import LoraConfig
+    pol = S.Policy(str(REPO / "base"), device="cpu")
+    bare = S.Policy.from_transformer(copy.deepcopy(pol.transformer), shift=pol.shift, guidance=pol.guidance, device="cpu")
+    assert (bare.shift, bare.guidance) == (pol.shift, pol.guidance)
+    d = S.Policy.from_transformer(copy.deepcopy(pol.transformer))
+    assert (d.shift, d.guidance, d.dtype) == (3.0, 4.5, torch.float32) and d.vae is None and d.pipe is None
+    cond = pol.encode(["a red circle above a blue square", 'a sign that says "K7"'])
+    x = torch.randn(2, *pol.latent_shape(), generator=torch.Generator().manual_seed(0))
+    for g in (1.0, pol.guidance, 4.5):
+        assert torch.equal(bare.velocity(x, 0.7, cond, g), pol.velocity(x, 0.7, cond, g)), g
+    for p in (pol, bare):                                      # the same random LoRA on both
+        torch.manual_seed(1)
+        p.add_adapter("t", config=LoraConfig(r=4, lora_alpha=8, target_modules=S.LORA_TARGETS, init_lora_weights=False))
+        p.use("t")
+    v = pol.velocity(x, 0.7, cond)
+    assert torch.equal(bare.velocity(x, 0.7, cond, pol.guidance), v)
+    bare.use(None)
+    assert not torch.equal(bare.velocity(x, 0.7, cond, pol.guidance), v)   # the adapter did something
+
+
+@pytest.mark.parametrize("argv", [["--size", "huge"], ["--size", "tiny", "--batches", "0"],
+                                  ["--size", "tiny", "--batches", "1,x"], ["--size", "tiny", "--prompts", "4"],
+                                  ["--batches", "2"], ["--size", "tiny", "--fit-batch", "3"],
+                                  ["--size", "full", "--dtype", "fp16"], ["--repeats", "0"],
+                                  pytest.param(["--size", "full"], marks=pytest.mark.skipif(
+                                      torch.cuda.is_available(), reason="on a GPU --size full runs"))])
+def test_bench_bad_flags_one_line_exit_2(argv, capsys):
+    """A bad or misplaced flag: one line on stderr starting with 'error:', exit 2, nothing run."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        B.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (argv, e.value.code, err)
+
+
+# ---- experiments.py: every study's code path with tiny budgets ----
+def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys, monkeypatch):
+    """`experiments.py --quick` runs all four studies on tiny teachers, writes each results JSON and
+    figure, shares the runs it says it shares, and a re-run trains nothing new (every run folder
+    is read back, the gradient spread from its cache) and rewrites the same numbers."""
+    import experiments as X
+    args = ["--teachers", *tiny_teachers, "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+            "--quick", "--seeds", "2"]
+    X.main(args)
+    docs = tmp_path / "docs"
+    res = {s: json.loads((docs / f"{s}.json").read_text()) for s in X.STUDIES}
+    assert all((docs / f"{s}.png").is_file() for s in ("noise", "estimators", "estimators_variance", "sft"))
+    names = [r["name"] for r in res["table1"]["rows"]]
+    assert names[0] == "base" and {"joint GRPO-Guard", "joint NFT", "cascade NFT", "DiffusionOPD (2 seeds)"} <= set(names)
+    assert all(0 <= r["average"] <= 1 for r in res["table1"]["rows"]) and len(res["table1"]["seeds"]) == 2
+    avg = {r["name"]: r["average"] for r in res["table1"]["rows"]}
+    minus = res["table1"]["opd_minus"]                               # OPD's Average minus each row's, +- SE
+    assert set(minus) == set(names) - {"DiffusionOPD (2 seeds)"}
+    assert all(abs(v["scores"][0] - (avg["DiffusionOPD (2 seeds)"] - avg[n])) < 1e-9 and v["scores"][1] >= 0
+               for n, v in minus.items()), (minus, avg)
+    noise = res["noise"]["runs"]
+    assert set(noise) == {"0.0", "0.3", "0.7"}
+    first = {a: v["probe_kl"][0] for a, v in noise.items()}          # round 0: the same no-op student
+    assert first["0.0"] == first["0.3"] == first["0.7"], first
+    assert noise["0.0"]["path"] == res["sft"]["runs"]["DiffusionOPD (on-policy)"]["path"]
+    assert noise["0.7"]["path"] == res["estimators"]["runs"]["closed"]["path"]
+    var = res["estimators"]["variance"]["tasks"]["ocr"]["0.7"]
+    assert all(v > 0 for e in A.ESTIMATORS for v in var[e]["trace_cov"]), var
+    runs = sorted(p for p in (tmp_path / "runs").rglob("state.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    monkeypatch.setattr(A, "estimator_gradients", lambda *a, **k: pytest.fail("the gradient spread was recomputed"))
+    X.main(args)
+    assert {p: p.stat().st_mtime_ns for p in runs} == stamps, "a re-run trained again"
+    again = json.loads((docs / "table1.json").read_text())
+    assert [r["scores"] for r in again["rows"]] == [r["scores"] for r in res["table1"]["rows"]]
+    for s in X.STUDIES:                                               # the tables docs/experiments.md shows
+        assert X.render_study(s, res[s]).count("\n|") >= 2, s
+    assert "Held-out" in X.render_study("table1", res["table1"]) and "bootstrap" in X.render_study("table1", res["table1"])
+    with pytest.raises(SystemExit) as e:
+        X.main(args + ["--only", "everything"])
+    assert e.value.code == 2 and "--only" in capsys.readouterr().err
+
+
+def test_gpu_check_builds_the_real_scale_inputs(tmp_path):
+    """gpu_check.py's inputs at the tiny size: an SD3 pipeline folder with SD3.5-M's wiring (16
+    latent channels, VAE factor 8, dual attention) that sampler.Policy loads with the scheduler's
+    grid, and three published-style teachers (PEFT files, no opd.json) that fit it, each moving
+    the velocity. Its full-size run needs a GPU and is refused here in one line."""
+    import gpu_check as G
+    pipe = G.pipeline("tiny", torch.device("cpu"))
+    pipe.save_pretrained(tmp_path / "sd3")
+    entries = G.teachers(tmp_path / "sd3", tmp_path / "teachers")
+    assert [e.split("=")[0] for e in entries] == ["geneval", "ocr", "aesthetic"]
+    assert all(not (Path(e.split("=")[1]) / runs.META).exists() for e in entries)
+    pol = S.Policy(str(tmp_path / "sd3"))
+    assert pol.latent_shape()[0] == 16 and pol.sigma_min == pytest.approx(runs.sigma_min_of(3.0))
+    x = torch.randn(1, *pol.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond = pol.encode(["a red cat"])
+    with torch.no_grad():
+        v0 = pol.velocity(x, 0.5, cond, 1.0)
+        for e in entries:
+            task, path = e.split("=")
+            pol.add_adapter(task, path)
+            pol.use(task)
+            assert (pol.velocity(x, 0.5, cond, 1.0) - v0).abs().max() > 1e-4, task
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            G.main(["--out", str(tmp_path / "full")])
+        assert e.value.code == 2 and not (tmp_path / "full").exists()

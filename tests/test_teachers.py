@@ -1,0 +1,69 @@
+"""Stage 1 (teachers.py): single-task RL teachers - a smoke run of every algorithm, --init from
+another adapter (and its refusals), --task refusals, and the run config a resume compares. The
+algorithms' pieces (GRPO-Guard ratio, group advantages, PPO clip, NFT loss) are in ../test_opd.py."""
+import json
+import math
+import shutil
+
+import pytest
+
+import rewards as R
+import runs
+import sampler as S
+import teachers as T
+from conftest import _argv, _cfg, _make_teacher, _refused
+
+
+@pytest.mark.parametrize("algo,fraction", [("grpo-guard", 1.0), ("grpo-guard", 0.5), ("flow-grpo", 1.0), ("nft", 1.0)])
+def test_teacher_smoke(tiny_base, tmp_path, algo, fraction):
+    cfg = T.TeacherConfig(task="ocr", algo=algo, base=str(tiny_base), out=str(tmp_path / "run"), iters=2,
+                          prompts=2, group=2, steps=3, eval_every=1, eval_small=2, eval_n=2, eval_heldout_n=2,
+                          rank=4, alpha=8, train_fraction=fraction)
+    ck = T.train(cfg)
+    meta = runs.read_meta(ck)
+    assert meta["role"] == "teacher" and meta["task"] == "ocr" and meta["trained"]["algorithm"] == algo
+    assert meta["cfg"] == (1.0 if algo == "nft" else runs.read_meta(tiny_base)["cfg"])
+    assert set(meta["scores"]) >= set(R.TASKS)
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(r["reward"]) for r in log)
+    pol = S.Policy(str(ck))                                    # loads as a teacher of the contract
+    assert pol.active == "ocr" and pol.guidance == meta["cfg"]
+
+
+@pytest.mark.parametrize("case", ["other_base", "other_rank"])
+def test_init_refusals_one_line_exit_2(case, tiny_base, tmp_path, capsys):
+    """--init from an adapter of another base (resolved path + hash) or another LoRA shape: one
+    line, exit 2, nothing written."""
+    if case == "other_base":
+        other = tmp_path / "other_base"
+        shutil.copytree(tiny_base, other)
+        ck = _make_teacher(other, tmp_path / "t", "ocr", 0, rank=4)
+    else:
+        ck = _make_teacher(tiny_base, tmp_path / "t", "ocr", 0, rank=2)
+    out = tmp_path / "run"
+    msg = _refused(capsys, T.main, _argv(tiny_base, out, "--task", "ocr", "--iters", "2", "--init", str(ck)))
+    assert "--init" in msg and ("base" in msg if case == "other_base" else "rank" in msg), msg
+    assert not out.exists()
+
+
+def test_init_same_base_continues_a_teacher(tiny_base, tmp_path):
+    """--init from a same-task teacher of the same base: still a teacher of that task, from its weights."""
+    ck = _make_teacher(tiny_base, tmp_path / "t", "ocr", 0, rank=4)
+    got = T.train(_cfg(tiny_base, tmp_path / "run", task="ocr", iters=1, init=str(ck)))
+    meta = runs.read_meta(got)
+    assert meta["task"] == "ocr" and "tasks" not in meta and meta["trained"]["config"]["init"]["path"] == str(ck)
+    got2 = T.train(_cfg(tiny_base, tmp_path / "run2", task="geneval", iters=1, init=str(ck)))
+    assert runs.read_meta(got2)["task"] == "cascade" and runs.read_meta(got2)["tasks"] == ["ocr", "geneval"]
+
+
+@pytest.mark.parametrize("task", ["nonsense", "geneval,bogus", "ocr,ocr", ""])
+def test_bad_task_one_line_exit_2(task, tmp_path, capsys):
+    msg = _refused(capsys, T.main, ["--task", task, "--out", str(tmp_path / "run")])
+    assert "--task" in msg, msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_single_task_run_config_unchanged(tiny_base):
+    """A single-task run's config (what a resume compares) has no new keys at the new flags' defaults."""
+    conf = T.run_config(T.TeacherConfig(base=str(tiny_base)), ["ocr"])
+    assert "init" not in conf and "cascade" not in conf and conf["tasks"] == ["ocr"]
