@@ -35,14 +35,8 @@ from real_rewards import tasks_for, write_geneval_prompts
 
 
 # ---------------------------------------------------------------------------------
-# evaluation: the protocol, the score cache, the results tables (docs/formats.md, "Evaluation protocol")
+# the protocol (the docstring above; docs/formats.md, "Evaluation protocol")
 # ---------------------------------------------------------------------------------
-# Per task, n images: prompt i = split[i % len] (a short list repeats with fresh noise), image i
-# starts from the noise of seed EVAL_SEED + i in EVERY checkpoint (paired comparisons), 40-step
-# first-order ODE, each checkpoint's own CFG and its base's shift, strict (0/1) GenEval.
-# Two tables: the primary one on the `train` prompts - the prompts RL and distillation use: the
-# toy is a closed world, like an RL environment, and at 3M parameters what RL learns on its
-# prompts does not transfer to others (docs/formats.md, "Evaluation protocol") - and a held-out one on `test`.
 EVAL_SEED = 10_000
 EVAL_STEPS = 40
 HELDOUT_N = 64              # images per task in the held-out table (primary: 256)
@@ -89,6 +83,47 @@ def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, bat
     return out
 
 
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of a - b and its paired standard error (same prompts, same initial noise)."""
+    d = np.asarray(a) - np.asarray(b)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def minmax_average(means: np.ndarray) -> np.ndarray:
+    """The paper's Average (Table 1): means (..., rows, metrics) -> (..., rows), the mean over the
+    metric columns of (score - column min) / (column max - column min) over the rows given; a column
+    whose rows are all equal contributes 0 (no columns: 0)."""
+    if 0 in means.shape[-2:]:
+        return np.zeros(means.shape[:-1])
+    lo, hi = means.min(-2, keepdims=True), means.max(-2, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (means - lo) / np.where(span > 0, span, 1.0), 0.0).mean(-1)
+
+
+def average_difference(per_image: dict, names: list[str], a: str, b: str, split: str = "train",
+                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Average(a) - Average(b) over the rows `names` and its paired bootstrap standard error.
+    per_image {name: {split: {task: (n,)}}}. The rows share prompts and initial noise, so one draw
+    resamples each task's images with the same indices for every row (tasks independently), then
+    recomputes every row's means, the columns' min-max and the two Averages: the column ends move
+    with the draw, as they would in a rerun."""
+    cols = [t for t in toy.TASK_NAMES if all(t in per_image[k][split] for k in names)]
+    ia, ib = names.index(a), names.index(b)
+    rng = np.random.default_rng(seed)
+    full, boot = [], []
+    for c in cols:
+        m = np.stack([np.asarray(per_image[k][split][c], dtype=np.float64) for k in names])   # (rows, n)
+        full.append(m.mean(-1))
+        idx = rng.integers(0, m.shape[1], size=(draws, m.shape[1]))
+        boot.append(m[:, idx].mean(-1).T)                                                     # (draws, rows)
+    point = minmax_average(np.stack(full, -1))
+    dist = minmax_average(np.stack(boot, -1))
+    return float(point[ia] - point[ib]), float(np.std(dist[:, ia] - dist[:, ib], ddof=1))
+
+
+# ---------------------------------------------------------------------------------
+# the score cache: per-image scores next to each checkpoint, keyed by everything that changes them
+# ---------------------------------------------------------------------------------
 def _stable(v) -> str:
     """A repr that is the same in every process (no object addresses)."""
     if isinstance(v, np.ndarray):
@@ -283,44 +318,9 @@ def _resolution(base: str):
     return min(S.SD3_RES, own * 2 ** (len(json.loads(v.read_text())["block_out_channels"]) - 1))
 
 
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of a - b and its paired standard error (same prompts, same initial noise)."""
-    d = np.asarray(a) - np.asarray(b)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-
-
-def minmax_average(means: np.ndarray) -> np.ndarray:
-    """The paper's Average (Table 1): means (..., rows, metrics) -> (..., rows), the mean over the
-    metric columns of (score - column min) / (column max - column min) over the rows given; a column
-    whose rows are all equal contributes 0 (no columns: 0)."""
-    if 0 in means.shape[-2:]:
-        return np.zeros(means.shape[:-1])
-    lo, hi = means.min(-2, keepdims=True), means.max(-2, keepdims=True)
-    span = hi - lo
-    return np.where(span > 0, (means - lo) / np.where(span > 0, span, 1.0), 0.0).mean(-1)
-
-
-def average_difference(per_image: dict, names: list[str], a: str, b: str, split: str = "train",
-                       draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Average(a) - Average(b) over the rows `names` and its paired bootstrap standard error.
-    per_image {name: {split: {task: (n,)}}}. The rows share prompts and initial noise, so one draw
-    resamples each task's images with the same indices for every row (tasks independently), then
-    recomputes every row's means, the columns' min-max and the two Averages: the column ends move
-    with the draw, as they would in a rerun."""
-    cols = [t for t in toy.TASK_NAMES if all(t in per_image[k][split] for k in names)]
-    ia, ib = names.index(a), names.index(b)
-    rng = np.random.default_rng(seed)
-    full, boot = [], []
-    for c in cols:
-        m = np.stack([np.asarray(per_image[k][split][c], dtype=np.float64) for k in names])   # (rows, n)
-        full.append(m.mean(-1))
-        idx = rng.integers(0, m.shape[1], size=(draws, m.shape[1]))
-        boot.append(m[:, idx].mean(-1).T)                                                     # (draws, rows)
-    point = minmax_average(np.stack(full, -1))
-    dist = minmax_average(np.stack(boot, -1))
-    return float(point[ia] - point[ib]), float(np.std(dist[:, ia] - dist[:, ib], ddof=1))
-
-
+# ---------------------------------------------------------------------------------
+# the results JSON, its tables, and the command line
+# ---------------------------------------------------------------------------------
 def results(rows: list[dict], proto: dict, per_image: dict | None = None) -> dict:
     """The results JSON. rows: {name, path, scores: {task: mean}, heldout: {task: mean}}; the
     paper's Average per table: the mean over the metric columns of (score - column min) /

@@ -64,11 +64,11 @@ def budgets(cfg: ExperimentConfig) -> dict:
     """Run sizes. The full ones are the main job's (distill.py defaults) with a probe; --quick
     shrinks every loop to a few iterations."""
     if cfg.quick:
-        return {"distill": dict(rounds=2, prompts=2, steps=3, eval_every=1, eval_small=2, eval_n=4,
+        return {"distill": dict(rounds=2, prompts=2, steps=3, eval_every=2, eval_small=2, eval_n=3,
                                 eval_heldout_n=2, rank=4, alpha=8),
                 "teacher": dict(iters=3, prompts=2, group=2, steps=3, rank=4, alpha=8, eval_n=0,
-                                eval_heldout_n=0, eval_every=1, eval_small=2),
-                "variance_rollouts": 4, "heldout_n": 2, "n": 4}
+                                eval_heldout_n=0, eval_every=3, eval_small=2),
+                "variance_rollouts": 3, "heldout_n": 2, "n": 3}
     return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
             "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
             "variance_rollouts": 32, "heldout_n": E.HELDOUT_N, "n": 256}

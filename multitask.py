@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import rewards as R
@@ -107,6 +106,9 @@ def cascade(cfg: MultitaskConfig, tasks: list[str]) -> Path:
 
 def train(cfg: MultitaskConfig) -> Path:
     """Joint RL (teachers.train over several tasks) or, with --cascade, cascade RL; the checkpoint."""
+    if cfg.export and runs.shipped(cfg.export):                 # checked before training, not after
+        raise runs.CheckpointError(f"--export {cfg.export}: a multi-task checkpoint is no teacher for base/ or ckpts/ "
+                                   "(distill.py's default teachers are ckpts/*); export it elsewhere")
     try:
         tasks = task_list(cfg.task, cfg.cascade)
     except ValueError as e:
@@ -121,16 +123,7 @@ def main(argv=None):
         task_list(cfg.task)
     except ValueError as e:
         ap.error(f"argument --task: {e}")                      # one line, exit 2
-    try:
-        if cfg.export and runs.shipped(cfg.export):            # checked before training, not after
-            raise runs.CheckpointError(f"--export {cfg.export}: a multi-task checkpoint is no teacher for base/ or ckpts/ "
-                                       "(distill.py's default teachers are ckpts/*); export it elsewhere")
-        ckpt = train(cfg)
-        if cfg.export:
-            runs.export_checkpoint(ckpt, cfg.export)
-            print(f"exported {ckpt} -> {cfg.export}")
-    except runs.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr); sys.exit(2)
+    T.train_and_export(train, cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The task table and the three rewards (the paper's Sec. 4 / Table 1 columns, Sec. 9).
+"""rewards.py - the task table and the three toy rewards (the paper's Sec. 4 / Table 1 columns, Sec. 9).
 
 DiffusionOPD trains one teacher per reward and reports one metric per task: GenEval
 (compositional correctness), OCR accuracy, and human-preference scores such as the

@@ -384,8 +384,14 @@ def main(argv=None):
     if cfg.task not in R.TASKS:
         ap.error(f"argument --task: {cfg.task!r} is not one task ({'|'.join(R.TASKS)}); "
                  "the multi-task RL baselines run with multitask.py")   # one line, exit 2
+    train_and_export(train, cfg)
+
+
+def train_and_export(train_fn, cfg) -> None:
+    """The command lines' end (this file's and multitask.py's): train_fn(cfg), then --export; a
+    CheckpointError is one line, exit 2."""
     try:
-        ckpt = train(cfg)
+        ckpt = train_fn(cfg)
         if cfg.export:
             runs.export_checkpoint(ckpt, cfg.export)
             print(f"exported {ckpt} -> {cfg.export}")

@@ -135,42 +135,33 @@ def test_distill_resume_equals_uninterrupted(tiny_teachers, tmp_path):
 @pytest.mark.parametrize("a", [0.0, 0.7])
 def test_distill_two_processes_match_one(tiny_teachers, tmp_path, a):
     """torchrun --nproc_per_node 2 (gloo) equals one process with the same global batch, for
-    ODE rollouts and for SDE rollouts (whose noise is drawn globally and sliced per process)."""
+    ODE rollouts and for SDE rollouts (whose noise is drawn globally and sliced per process).
+    At a = 0 the 2-process run also evaluates: every process samples and scores its share of the
+    final evaluation (image i on process i mod 2) and all get every score - the per-image scores
+    it cached for the base equal one process computing them afresh, and its table has every row
+    (n = 7 / 3: sizes no other test uses, so the run computes them itself)."""
+    ev = ["--eval-n", "7", "--eval-heldout-n", "3"] if a == 0 else ["--eval-n", "0", "--eval-heldout-n", "0"]
     args = ["--teachers", *tiny_teachers, "--rounds", "2", "--prompts", "4", "--steps", "3", "--eval-every", "0",
-            "--eval-n", "0", "--eval-heldout-n", "0", "--rank", "4", "--alpha", "8", "--noise-level", str(a)]
-    one = _cli("distill.py", *args, "--out", tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-3000:]
+            "--rank", "4", "--alpha", "8", "--noise-level", str(a)]
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29517 + int(10 * a)), "distill.py", *args,
-                          "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29517 + int(10 * a)), "distill.py",
+                          *args, *ev, "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
+    one = _cli("distill.py", *args, "--eval-n", "0", "--eval-heldout-n", "0", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
     sa, sb = _student(tmp_path / "one"), _student(tmp_path / "two")
     worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
     assert worst < 1e-5, f"2-process student differs from 1-process by {worst:.2e} (tolerance 1e-5)"
-
-
-def test_final_evaluation_shared_by_two_processes(tiny_teachers, tmp_path):
-    """With torchrun every process samples and scores its share of the final evaluation (image i on
-    process i mod 2, evaluate.evaluate) and all of them get every score: the per-image scores the
-    2-process run cached for the base equal one process computing them afresh, and its results
-    table has every row. n = 7 / 3: sizes no other test uses, so the run computes them itself."""
-    args = ["--teachers", *tiny_teachers, "--rounds", "1", "--prompts", "2", "--steps", "2", "--eval-every", "0",
-            "--eval-n", "7", "--eval-heldout-n", "3", "--rank", "4", "--alpha", "8"]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "distill.py", *args,
-                          "--out", str(tmp_path / "two")], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    rows = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
-    assert [r["name"] for r in rows][0] == "base" and len(rows) == 5 and all(len(r["scores"]) == 3 for r in rows)
-    base = runs.settings(tiny_teachers[0])["base"]
-    cached = E.evaluate_checkpoint(base, 7, 3)                            # what the 2 processes wrote
-    pol = S.Policy(base)
-    for split, n in (("train", 7), ("test", 3)):
-        for task in R.TASKS:
-            fresh = E.evaluate(pol, task, n, split=split)
-            assert np.allclose(cached[split][task], fresh, atol=1e-6), (split, task, cached[split][task], fresh)
+    if a == 0:
+        rows = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+        assert rows[0]["name"] == "base" and len(rows) == 5 and all(len(r["scores"]) == 3 for r in rows)
+        base = runs.settings(tiny_teachers[0])["base"]
+        cached, pol = E.evaluate_checkpoint(base, 7, 3), S.Policy(base)     # what the 2 processes wrote
+        for split, n in (("train", 7), ("test", 3)):
+            for task in R.TASKS:
+                fresh = E.evaluate(pol, task, n, split=split)
+                assert np.allclose(cached[split][task], fresh, atol=1e-6), (split, task, cached[split][task], fresh)
 
 
 def test_distill_cli_smoke_and_finished_run(tiny_teachers, tmp_path):

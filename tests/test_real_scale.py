@@ -931,8 +931,8 @@ def test_real_scale_main_job_ends_with_its_report(sd3_dir, lora_ckpts, tmp_path,
     monkeypatch.setattr(RR, "_scorer", lambda cls: stand_in[cls.__name__])
     out = tmp_path / "run"
     res = D.run(D.DistillConfig(base=str(sd3_dir), teachers=_published(lora_ckpts, tmp_path / "rel"), out=str(out),
-                                rounds=1, prompts=2, steps=3, rank=4, alpha=8, eval_every=0, eval_n=3,
-                                eval_heldout_n=2))
+                                rounds=1, prompts=2, steps=2, rank=4, alpha=8, eval_every=0, eval_n=2,
+                                eval_heldout_n=1))
     saved = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in saved["rows"]]
     assert names == ["base", "teacher geneval", "teacher ocr", "teacher aesthetic", "DiffusionOPD student"], names
@@ -942,6 +942,6 @@ def test_real_scale_main_job_ends_with_its_report(sd3_dir, lora_ckpts, tmp_path,
     assert loads == [str(sd3_dir)], loads
     base_scores = saved["rows"][0]["scores"]["aesthetic"]
     pol = sampler.Policy(str(sd3_dir))                    # the base alone, loaded on its own: the same row
-    fresh = E.evaluate(pol, "aesthetic", 3, split="train", table=RR.tasks_for(str(sd3_dir)))
+    fresh = E.evaluate(pol, "aesthetic", 2, split="train", table=RR.tasks_for(str(sd3_dir)))
     assert abs(float(fresh.mean()) - base_scores) < 1e-6, (float(fresh.mean()), base_scores)
     assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["init_lora_weights"] == "gaussian"
