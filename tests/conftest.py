@@ -13,8 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")                # the tests never reach a model hub
+import huggingface_hub.constants                            # noqa: E402 (read at import: set it here too)
+import pytest                                               # noqa: E402
+import torch                                                # noqa: E402
+
+huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 REPO = Path(__file__).resolve().parent.parent              # the repository root (tests/ is one level down)
 if str(REPO) not in sys.path:                               # the project's modules, however pytest is started
@@ -45,11 +49,15 @@ def _tree(path: Path) -> dict:
             for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
 
 
-def _refused(capsys, fn, argv):
+def _refused(capsys, fn, argv, progress=False):
+    """fn(argv) (a script's main) exits 2 with one line on stderr, "error: ..."; returns the line.
+    progress=True: loading progress bars (diffusers / transformers, on stderr) may come before it."""
     capsys.readouterr()                                        # only this call's output counts
     with pytest.raises(SystemExit) as e:
         fn(argv)
     err = capsys.readouterr().err.strip().splitlines()
+    if progress:
+        err = [l for l in err if l.strip() and not ("it/s]" in l or "?it/s" in l or "s/it]" in l)]
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), (e.value.code, err)
     return err[0]
 

@@ -77,7 +77,7 @@ def test_resume_refuses_another_config(tiny_teachers, tmp_path, capsys):
 def test_fault_between_write_and_rename_keeps_state(tiny_teachers, tmp_path, monkeypatch):
     """A fault injected between a resume state's temporary write and its rename leaves the
     previous state intact, and the re-run equals an uninterrupted run bitwise."""
-    D.run(_dcfg(tmp_path / "a", tiny_teachers, eval_every=0, eval_n=2, eval_heldout_n=0))
+    D.run(_dcfg(tmp_path / "a", tiny_teachers, eval_every=0, eval_n=0, eval_heldout_n=0))
     real, seen = os.replace, {"n": 0}
 
     def fails_on_round_2(src, dst):
@@ -88,11 +88,11 @@ def test_fault_between_write_and_rename_keeps_state(tiny_teachers, tmp_path, mon
         return real(src, dst)
     monkeypatch.setattr(runs.os, "replace", fails_on_round_2)
     with pytest.raises(OSError, match="injected"):
-        D.run(_dcfg(tmp_path / "b", tiny_teachers, eval_every=0, eval_n=2, eval_heldout_n=0))
+        D.run(_dcfg(tmp_path / "b", tiny_teachers, eval_every=0, eval_n=0, eval_heldout_n=0))
     monkeypatch.setattr(runs.os, "replace", real)
     info = json.loads((tmp_path / "b" / "state.json").read_text())
     assert info["round"] == 1 and (tmp_path / "b" / info["tensors"]).is_file()
-    D.run(_dcfg(tmp_path / "b", tiny_teachers, eval_every=0, eval_n=2, eval_heldout_n=0))
+    D.run(_dcfg(tmp_path / "b", tiny_teachers, eval_every=0, eval_n=0, eval_heldout_n=0))
     sa, sb = _student(tmp_path / "a"), _student(tmp_path / "b")
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "re-run after the fault differs from the uninterrupted run"
 
