@@ -48,6 +48,7 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -440,7 +441,7 @@ def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy
 def figures(out: Path, policy: S.Policy, scores: dict, table: dict | None = None, k: int = 8) -> dict:
     """grid_<task>.png: base (top) and student (bottom) through the protocol - its first k images
     of the primary table (same prompts, same initial noise, each model's own CFG, the base's
-    shift) - each titled with its per-image score from the evaluation; curves.png: per-step KL
+    shift) - each column under its prompt, each image titled with its per-image score from the evaluation; curves.png: per-step KL
     and the small evals. Returns {task: {name: (titles, the drawn images re-scored)}}: equal (tested)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -450,7 +451,7 @@ def figures(out: Path, policy: S.Policy, scores: dict, table: dict | None = None
     for task in [t for t in R.toy.TASK_NAMES if t in scores["base"]]:
         ps = E.eval_prompts(task, "train", k, table)
         seeds = [E.EVAL_SEED + i for i in range(k)]
-        fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.1))
+        fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.9))
         for row, (name, adapter) in enumerate((("base", None), ("DiffusionOPD student", "student"))):
             policy.use(adapter)
             g = runs.settings(policy.base_path)["cfg"] if adapter is None else runs.settings(out / "checkpoint")["cfg"]
@@ -458,7 +459,8 @@ def figures(out: Path, policy: S.Policy, scores: dict, table: dict | None = None
             drawn.setdefault(task, {})[name] = (scores[name][task][:k], table[task].reward(imgs, ps))
             for c in range(k):
                 axes[row, c].imshow(imgs[c], interpolation="nearest")
-                axes[row, c].set_title(f"{scores[name][task][c]:.2f}", fontsize=8)
+                prompt = "\n".join(textwrap.wrap(ps[c], 16)) + "\n" if row == 0 else ""   # the column's prompt, once
+                axes[row, c].set_title(f"{prompt}{scores[name][task][c]:.2f}", fontsize=6 if row == 0 else 8)
                 axes[row, c].axis("off")
             axes[row, 0].text(-4, 16, "base" if adapter is None else "student", rotation=90, va="center",
                               ha="right", fontsize=9)

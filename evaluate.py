@@ -83,6 +83,17 @@ def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, bat
     return out
 
 
+def geneval_diagnostics(policy, n: int, guidance: float | None = None, split: str = "train") -> dict:
+    """The protocol's first n GenEval images of the active adapter (the same images evaluate()
+    scores: "strict" is their mean score) -> rewards.geneval_diagnostics: strict accuracy per tag
+    and the found-rate of each colour. Toy scale, one process."""
+    import rewards
+    g = policy.guidance if guidance is None else guidance
+    ps = eval_prompts("geneval", split, n)
+    imgs = S.sample(policy, ps, [EVAL_SEED + i for i in range(n)], EVAL_STEPS, policy.shift, g, 64)
+    return rewards.geneval_diagnostics(imgs, ps)
+
+
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Mean of a - b and its paired standard error (same prompts, same initial noise)."""
     d = np.asarray(a) - np.asarray(b)

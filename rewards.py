@@ -211,6 +211,89 @@ def geneval_reward(images, prompts, strict=True):
     return out
 
 
+def _in_place(d, relation, first, side):
+    """Position prompts: is detection d in its object's half of the canvas? "A left of B" puts A's
+    centre left of the middle and B's right of it (above / below: the vertical middle)."""
+    cx, cy = d["box"][0] + d["box"][2] / 2, d["box"][1] + d["box"][3] / 2
+    c = cx if relation in ("left of", "right of") else cy
+    before = relation in ("left of", "above")                  # does object A come first along the axis?
+    return (c < side / 2) if before == first else (c > side / 2)
+
+
+def object_credit(spec, objects, side=toy.RES):
+    """Credit per requested object, judged on the detections GenEval judges (the top k of each
+    shape by area, as geneval_checks): 1 when the one picked for it has its colour and, in a position
+    prompt, lies in its half of the canvas (_in_place); a counting prompt's one entry is the share of
+    its top n in the colour over max(n, detections of the shape), so extra objects cost too."""
+    by_shape = {}
+    for d in objects:
+        by_shape.setdefault(d["shape"], []).append(d)
+    objs = spec["objects"]
+    if spec["category"] in ("single", "colors", "counting"):
+        o = objs[0]
+        found = by_shape.get(o["shape"], [])
+        right = sum(o["color"] is None or d["color"] == o["color"] for d in found[:o["count"]])
+        return [right / max(o["count"], len(found))]
+    credits, picked = [], []
+    for i, o in enumerate(objs):
+        k = sum(q["shape"] == o["shape"] for q in objs)
+        free = [d for d in by_shape.get(o["shape"], [])[:k] if not any(d is p for p in picked)]
+        mine = [d for d in free if o["color"] is None or d["color"] == o["color"]]
+        picked.append(mine[0] if mine else None)
+        ok = picked[-1] is not None and (spec["relation"] is None or _in_place(picked[-1], spec["relation"], i == 0, side))
+        credits.append(float(ok))
+    return credits
+
+
+RL_STRICT_WEIGHT = 0.5    # geneval_rl_reward = w * strict + (1 - w) * mean object credit
+
+
+def geneval_rl_reward(images, prompts):
+    """The GenEval reward RL trains on (teachers.py --rl-reward objects): half GenEval's strict 0/1,
+    half the mean per-object credit (object_credit). A cheap wrong picture earns little: both objects
+    in one colour, or a wrong shape, or one object missing, earn 0.25; objects in swapped places 0;
+    a counting prompt drawn in the wrong colour 0 (the fraction of rules, geneval_reward(strict=False),
+    pays 0.5-0.8 for each of these)."""
+    _check(images, prompts)
+    out = np.zeros(len(prompts))
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        spec, objects = toy.parse(p), detect(img)
+        strict = float(all(geneval_checks(spec, objects)))
+        out[i] = RL_STRICT_WEIGHT * strict + (1 - RL_STRICT_WEIGHT) * float(np.mean(object_credit(spec, objects, img.shape[1])))
+    return out
+
+
+GENEVAL_TAGS = ("single", "colors", "counting", "two_object", "position")   # the toy's categories (GenEval's tags)
+
+
+def geneval_diagnostics(images, prompts) -> dict:
+    """What a GenEval run should watch besides its mean: strict accuracy per tag, and per colour the
+    found-rate - of the objects asked for in that colour, the share detected with their shape in
+    that colour (an object asked n times counts n; detections of the shape in the colour, at most n).
+    {"strict": mean, "tags": {tag: [accuracy, n]}, "colours": {colour: [found-rate, asked]}}."""
+    _check(images, prompts)
+    tags, asked, found, strict = {}, {}, {}, []
+    for img, p in zip(images, prompts):
+        spec, objects = toy.parse(p), detect(img)
+        ok = float(all(geneval_checks(spec, objects)))
+        strict.append(ok)
+        tags.setdefault(spec["category"], []).append(ok)
+        for o in spec["objects"]:
+            if o["color"] is not None:
+                hits = sum(d["shape"] == o["shape"] and d["color"] == o["color"] for d in objects)
+                asked[o["color"]] = asked.get(o["color"], 0) + o["count"]
+                found[o["color"]] = found.get(o["color"], 0) + min(hits, o["count"])
+    return {"strict": float(np.mean(strict)) if strict else float("nan"),
+            "tags": {t: [float(np.mean(tags[t])), len(tags[t])] for t in GENEVAL_TAGS if t in tags},
+            "colours": {c: [found[c] / asked[c], asked[c]] for c in toy.COLORS if asked.get(c)}}
+
+
+def colour_warnings(diag: dict, base: dict) -> list[str]:
+    """One line per colour whose found-rate fell below half the base's (the forgetting a mean hides)."""
+    return [f"warning: {c} objects found in {r:.0%} of {n} asked, under half the base's {base['colours'][c][0]:.0%}"
+            for c, (r, n) in diag["colours"].items() if c in base["colours"] and r < 0.5 * base["colours"][c][0]]
+
+
 # ---------------------------------------------------------------------------------
 # ocr: PP-OCR recognition + the paper's edit-distance score (Sec. 9)
 # ---------------------------------------------------------------------------------

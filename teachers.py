@@ -84,6 +84,14 @@ class TeacherConfig:
     old_decay_max: float = arg(0.5, "NFT: old <- d old + (1 - d) theta, d = min(ramp * i, max)", ">= 0")
     old_decay_ramp: float = arg(0.01, "NFT: see old_decay_max", ">= 0")
     nft_times: int = arg(2, "NFT: re-noising times t drawn per clean sample", ">= 1")
+    nft_t: str = arg("uniform", "NFT: re-noising times uniform in [0.02, 0.98], or drawn from the rollout grid's "
+                     "times (grid)", "in uniform|grid")
+    adv_scale: str = arg("group", "advantages (r - group mean) divided by the group's reward std (group, "
+                         "Flow-GRPO) or the whole batch's (batch: the global_std of Flow-GRPO / NFT configs)",
+                         "in group|batch")
+    rl_reward: str = arg("rules", "GenEval's RL reward: rules = the fraction of GenEval's rules that hold (the "
+                         "shipped teacher's); objects = 0.5 strict + 0.5 per-object credit, which a one-colour "
+                         "picture cannot game (rewards.geneval_rl_reward; toy only)", "in rules|objects")
     eval_every: int = arg(25, "small paired eval on train prompts every N iterations (0: never)", ">= 0")
     eval_small: int = arg(32, "images for the periodic eval", ">= 1")
     eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
@@ -142,11 +150,14 @@ def load_init(policy, name: str, ckpt: str) -> None:
             v.copy_(sd[k])
 
 
+LATER_FLAGS = {"init": "", "cascade": False, "nft_t": "uniform", "adv_scale": "group", "rl_reward": "rules"}
+
+
 def run_config(cfg, tasks: list[str]) -> dict:
-    """The run's config as open_run compares it on a resume. --init / --cascade are left out at
-    their defaults (so run folders from before they existed still resume); --init is recorded
-    with the hash of its weights."""
-    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in ("init", "cascade") and not v)}
+    """The run's config as open_run compares it on a resume. Flags added after the first runs
+    (LATER_FLAGS) are left out at their defaults, so run folders from before they existed still
+    resume; --init is recorded with the hash of its weights."""
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
     if cfg.init:
         conf["init"] = {"path": cfg.init, "weights": E.weights_hash(cfg.init)}
     return conf | {"base": {"path": str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base,
@@ -158,12 +169,22 @@ def lora_config(cfg):
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=S.LORA_TARGETS, lora_dropout=0.0)
 
 
-def group_advantages(r: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """GRPO: A_i = (r_i - mean_group) / (std_group + 1e-4); groups with zero spread are dropped."""
+def group_advantages(r: np.ndarray, group: int, scale: str = "group") -> tuple[np.ndarray, np.ndarray]:
+    """GRPO: A_i = (r_i - mean_group) / (std + 1e-4), std the group's own (scale "group") or the whole
+    batch's ("batch": a 0.60-vs-0.55 group stays a small advantage); groups with zero spread are dropped."""
     rg = r.reshape(-1, group)
-    adv = (rg - rg.mean(1, keepdims=True)) / (rg.std(1, keepdims=True) + 1e-4)
+    std = rg.std(1, keepdims=True) if scale == "group" else np.full((len(rg), 1), r.std())
+    adv = (rg - rg.mean(1, keepdims=True)) / (std + 1e-4)
     keep = np.repeat(rg.std(1) > 1e-6, group)
     return adv.reshape(-1), keep
+
+
+def rl_reward(task, cfg):
+    """The reward RL trains on: the task's reward with partial credit (strict=False), or for
+    GenEval with --rl-reward objects rewards.geneval_rl_reward. Evaluation is always strict."""
+    if task.name == "geneval" and cfg.rl_reward == "objects":
+        return R.geneval_rl_reward
+    return lambda imgs, prompts: task.reward(imgs, prompts, strict=False)
 
 
 def guard_log_ratio(x_next, mean_new, mean_old, logp_old, std, ratio_norm: bool):
@@ -225,8 +246,8 @@ def grpo_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: di
     ro = S.rollout(policy, cond, x1, grid, cfg.noise_level, L.g, gen)
     imgs = policy.decode(ro["states"][-1])
     # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
-    r = task.reward(imgs, prompts, strict=False)
-    adv, keep = group_advantages(r, cfg.group)
+    r = rl_reward(task, cfg)(imgs, prompts)
+    adv, keep = group_advantages(r, cfg.group, cfg.adv_scale)
     rec = {"reward": float(r.mean()), "kept": float(keep.mean())}
     idx = np.flatnonzero(keep)
     rng.shuffle(idx)
@@ -262,14 +283,18 @@ def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dic
     policy.use("teacher")
     imgs = policy.decode(x_data)
     # ---- 2. rewards -> advantages -> optimality weight r in [0, 1] ----
-    r = task.reward(imgs, prompts, strict=False)
-    adv, _ = group_advantages(r, cfg.group)
+    r = rl_reward(task, cfg)(imgs, prompts)
+    adv, keep = group_advantages(r, cfg.group, cfg.adv_scale)
     c = cfg.nft_adv_clip
     w = torch.as_tensor(np.clip(0.5 + 0.5 * np.clip(adv, -c, c) / c, 0, 1), dtype=torch.float32).to(policy.device)
     # ---- 3. forward-process loss on re-noised samples ----
     L.opt.zero_grad(set_to_none=True)
     for _ in range(cfg.nft_times):
-        t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98).to(policy.device)
+        if cfg.nft_t == "grid":                                               # the times rollouts visit
+            t = L.grid[:-1][torch.randint(len(L.grid) - 1, (len(prompts),), generator=gen)].float()
+        else:
+            t = torch.rand(len(prompts), generator=gen).clamp(0.02, 0.98)
+        t = t.to(policy.device)
         eps = torch.randn(x_data.shape, generator=gen).to(policy.device)
         x_t = S.noised(x_data, eps, t)                                         # Sec. 2: x_t
         with torch.no_grad():
@@ -286,7 +311,7 @@ def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dic
     with torch.no_grad():
         for o, p in zip(L.old, L.params):
             o.lerp_(p, 1 - d)
-    return {"reward": float(r.mean())}
+    return {"reward": float(r.mean()), "kept": float(keep.mean())}
 
 
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
@@ -299,6 +324,9 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         if t not in R.TASKS:
             raise runs.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
     init_tasks = check_init(cfg) if cfg.init else []           # before anything is written
+    if cfg.rl_reward == "objects" and runs.settings(cfg.base)["kind"] != "toy":
+        raise runs.CheckpointError("--rl-reward objects reads the toy's scenes; at real scale GenEval trains on "
+                                   "the rules (--rl-reward rules)")
     out = Path(cfg.out or (f"runs/teacher-{tasks[0]}" if len(tasks) == 1 else f"runs/teacher-joint-{cfg.algo}"))
     ckpt = out / "checkpoint"
     conf = run_config(cfg, tasks)
@@ -335,6 +363,12 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
                              "lora_params": sum(p.numel() for p in params)}))
     log = open(out / "log.jsonl", "a")
     learner = Learner(policy, opt, params, old_params if nft else [], grid, g)
+    watch = "geneval" in tasks and runs.settings(cfg.base)["kind"] == "toy"   # GenEval diagnostics (toy)
+    if watch:                                                  # the base (adapters off) at the run's CFG
+        policy.use(None)
+        base_diag = E.geneval_diagnostics(policy, cfg.eval_small, g)
+        policy.use("teacher")
+    kept = []                                                  # GenEval iterations' "kept" since the last evaluation
     t0 = time.time()
     done = start
     for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
@@ -349,10 +383,16 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
         rec = {"iter": it, "task": task.name}
         rec |= (nft_step if nft else grpo_step)(learner, cfg, task, prompts, cond, x1, rng, gen, it)
+        if task.name == "geneval":
+            kept.append(rec["kept"])
         rec["time_s"] = round(time.time() - t0, 1)
         if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
             for name in tasks:                                 # every task of a joint run
-                rec[f"eval_{name}"] = float(E.evaluate(policy, name, cfg.eval_small, guidance=g).mean())
+                if name == "geneval" and watch:                # the same images, with their per-tag / colour view
+                    rec |= geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, g), base_diag, kept)
+                    kept = []
+                else:
+                    rec[f"eval_{name}"] = float(E.evaluate(policy, name, cfg.eval_small, guidance=g).mean())
             runs.save_state(out / "state", state, opt, {"iter": it + 1, "elapsed_s": before + time.time() - t0})
         log.write(json.dumps(rec) + "\n"); log.flush()
     # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
@@ -364,9 +404,26 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
             "trained": {"algorithm": cfg.algo, "minutes": round((before + time.time() - t0) / 60, 2), "iterations": done,
                         "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}
                         | {"rollout_cfg": g}}}
+    if watch:                                                  # the summary a mean would hide
+        recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if l.strip()]
+        every = [r["kept"] for r in recs if r.get("task") == "geneval" and "kept" in r]      # the whole run's
+        meta["geneval_diagnostics"] = geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, g), base_diag,
+                                                     every) | {"base": base_diag, "n": cfg.eval_small}
     policy.save_adapter("teacher", ckpt, meta)
     final_eval(cfg, ckpt, meta, f"teacher {label} ({cfg.algo})")
     return ckpt
+
+
+def geneval_record(diag: dict, base: dict, kept: list[float]) -> dict:
+    """A GenEval evaluation's log entries: the strict mean (eval_geneval), per-tag accuracies,
+    per-colour found-rates, the share of images in groups with no reward spread over the iterations
+    `kept` summarises (their advantages are all 0: nothing to learn from) and a warning per colour
+    whose found-rate fell under half the base's (printed too)."""
+    warn = R.colour_warnings(diag, base)
+    for w in warn:
+        print(w, file=sys.stderr)
+    return {"eval_geneval": diag["strict"], "geneval_tags": diag["tags"], "geneval_colours": diag["colours"],
+            "zero_spread": round(1 - float(np.mean(kept)), 4) if kept else None} | ({"warnings": warn} if warn else {})
 
 
 def final_eval(cfg, ckpt: Path, meta: dict, what: str) -> None:

@@ -347,6 +347,17 @@ def test_group_advantages_drop_zero_std_groups():
     assert abs(adv[3:].mean()) < 1e-12 and adv[4] > adv[5] > adv[3]
 
 
+def test_group_advantages_batch_scale():
+    """scale="batch": each group centred on its own mean, every group divided by the batch's std - a
+    group whose rewards differ by 0.05 keeps a small advantage (its own std would make it +-1)."""
+    r = np.array([0.60, 0.55, 0.0, 1.0])
+    adv, keep = T.group_advantages(r, 2, "batch")
+    s = r.std()
+    np.testing.assert_allclose(adv, [0.025 / (s + 1e-4), -0.025 / (s + 1e-4), -0.5 / (s + 1e-4), 0.5 / (s + 1e-4)], rtol=1e-12)
+    own, _ = T.group_advantages(r, 2)
+    assert abs(own[0] - 0.025 / (0.025 + 1e-4)) < 1e-12 and abs(adv[0]) < 0.1 * abs(own[0]) and keep.all()
+
+
 def test_ppo_clip_loss_clips_the_ratio():
     adv = torch.tensor([1.0, -1.0])
     lr = torch.log(torch.tensor([1.5, 0.5]))

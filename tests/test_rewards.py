@@ -101,7 +101,64 @@ def test_geneval_rules_judge_the_top_k_detections():
     assert not _rules(q, [top, _det("red", "square", 45, y=20)])                          # no blue square in the top 2
 
 
-# ---- ocr ------------------------------------------------------------------------
+# ---- ocr ------------------------------------------------------------------------# ---- geneval's RL reward and the run diagnostics (teachers.py --rl-reward objects) ----------
+def _rl(prompt_drawn, prompt_scored, seed=0, erase_right=False):
+    img = toy.render(prompt_drawn, np.random.default_rng(seed))[None].copy()
+    if erase_right:                                                 # the right half painted over with background
+        img[:, :, toy.RES // 2:] = img[:, :1, :1]
+    return rewards.geneval_rl_reward(img, [prompt_scored])[0], rewards.geneval_reward(img, [prompt_scored], strict=False)[0]
+
+
+P = "a green square left of a red triangle"
+
+
+@pytest.mark.parametrize("drawn,rl,rules", [
+    (P, 1.0, 1.0),                                                  # ground truth
+    ("a red square left of a red triangle", 0.25, 0.6),             # both objects in one colour
+    ("a green square left of a green triangle", 0.25, 0.6),         # ... in the other colour
+    ("a green square left of a red square", 0.25, 0.4),             # a shape wrong (two squares)
+    ("a green square right of a red triangle", 0.0, 0.8),           # places swapped
+    ("missing", 0.25, 0.4),                                         # the triangle missing
+])
+def test_geneval_rl_reward_hand_made_scenes(drawn, rl, rules):
+    """Half strict, half the per-object credit (shape, colour and place right): the scenes the fraction
+    of rules (GenEval's 5 for a position prompt) pays 0.4-0.8 for earn at most a quarter; the truth 1."""
+    got, frac = _rl(P, P, erase_right=True) if drawn == "missing" else _rl(drawn, P)
+    assert got == pytest.approx(rl) and frac == pytest.approx(rules), (drawn, got, frac)
+
+
+def test_geneval_rl_reward_other_categories():
+    every = toy.prompts("geneval", "train") + toy.prompts("geneval", "test")
+    assert rewards.geneval_rl_reward(_render_all(every), every).min() == 1.0      # every ground truth: 1
+    assert _rl("three green triangles", "three green triangles")[0] == 1.0
+    assert _rl("three blue triangles", "three green triangles")[0] == 0.0          # wrong colour: nothing
+    assert _rl("four green triangles", "three green triangles")[0] == pytest.approx(0.5 * 3 / 4)   # one too many
+    assert _rl("two green triangles", "three green triangles")[0] == pytest.approx(0.5 * 2 / 3)    # one missing
+    assert _rl("a blue square", "a green square")[0] == 0.0 and _rl("a blue square", "a square")[0] == 1.0
+    assert _rl("a red square and a blue triangle", "a red square and a blue triangle")[0] == 1.0
+    assert _rl("a red square and a red triangle", "a red square and a blue triangle")[0] == 0.25
+
+
+def test_geneval_diagnostics_tags_and_colour_found_rates():
+    """Per-tag strict accuracy and per-colour found-rates on a batch whose green objects are all
+    drawn blue: green's found-rate is 0 while the others' are 1, and colour_warnings names green."""
+    prompts = ["a green square", "a red triangle left of a green square", "three green triangles", "a square",
+               "a yellow square and a blue triangle"]
+    drawn = [p.replace("green", "blue") if "green" in p else p for p in prompts]
+    drawn[1] = "a red triangle left of a blue square"
+    imgs = _render_all(drawn)
+    d = rewards.geneval_diagnostics(imgs, prompts)
+    assert d["colours"] == {"red": [1.0, 1], "yellow": [1.0, 1], "green": [0.0, 5], "blue": [1.0, 1]}, d
+    assert d["tags"] == {"single": [1.0, 1], "colors": [0.0, 1], "counting": [0.0, 1], "two_object": [1.0, 1],
+                         "position": [0.0, 1]}, d
+    assert d["strict"] == pytest.approx(0.4)
+    truth = rewards.geneval_diagnostics(_render_all(prompts), prompts)
+    assert truth["strict"] == 1.0 and all(r == 1.0 for r, _ in truth["colours"].values()), truth
+    warn = rewards.colour_warnings(d, truth)
+    assert len(warn) == 1 and "green" in warn[0] and "0%" in warn[0], warn
+
+
+
 @pytest.mark.parametrize("a,b,d", [("", "", 0), ("abc", "abc", 0), ("", "ab", 2), ("ab", "", 2),
                                    ("kitten", "sitting", 3), ("ab", "ba", 2), ("flaw", "lawn", 2),
                                    ("a", "b", 1)])

@@ -11,7 +11,7 @@ import rewards as R
 import runs
 import sampler as S
 import teachers as T
-from conftest import _argv, _cfg, _make_teacher, _refused
+from conftest import _argv, _cfg, _log, _make_teacher, _refused
 
 
 @pytest.mark.parametrize("algo,fraction", [("grpo-guard", 1.0), ("grpo-guard", 0.5), ("flow-grpo", 1.0), ("nft", 1.0)])
@@ -28,6 +28,32 @@ def test_teacher_smoke(tiny_base, tmp_path, algo, fraction):
     assert len(log) == 2 and all(math.isfinite(r["reward"]) for r in log)
     pol = S.Policy(str(ck))                                    # loads as a teacher of the contract
     assert pol.active == "ocr" and pol.guidance == meta["cfg"]
+
+
+def test_geneval_run_reports_tags_colours_and_spread(tiny_base, tmp_path, capsys):
+    """A GenEval run (NFT, --rl-reward objects, batch-wide advantages, grid times) logs at every
+    evaluation the strict mean, per-tag accuracies, per-colour found-rates and the share of images in
+    zero-spread groups; the checkpoint's opd.json carries the final ones with the base's, and a colour
+    whose found-rate fell under half the base's is a printed warning."""
+    ck = T.train(_cfg(tiny_base, tmp_path / "run", task="geneval", algo="nft", iters=2, eval_every=1, eval_small=8,
+                      rl_reward="objects", adv_scale="batch", nft_t="grid"))
+    log = _log(tmp_path / "run")
+    evals = [r for r in log if "eval_geneval" in r]
+    assert len(evals) == 2 and all(0 <= r["zero_spread"] <= 1 and set(r["geneval_tags"]) <= set(R.GENEVAL_TAGS)
+                                   for r in evals), evals
+    diag = runs.read_meta(ck)["geneval_diagnostics"]
+    assert diag["n"] == 8 and set(diag["base"]) == {"strict", "tags", "colours"} and "eval_geneval" in diag
+    n_tags = sum(n for _, n in diag["geneval_tags"].values())
+    assert n_tags == 8 and abs(diag["eval_geneval"] - sum(a * n for a, n in diag["geneval_tags"].values()) / 8) < 1e-12
+    want = R.colour_warnings({"colours": diag["geneval_colours"]}, diag["base"])
+    assert diag.get("warnings", []) == want and all(w in capsys.readouterr().err for w in want)
+    assert T.run_config(T.TeacherConfig(base=str(tiny_base), rl_reward="objects"), ["geneval"])["rl_reward"] == "objects"
+
+
+def test_rl_reward_objects_is_the_toys(sd3_dir, tmp_path, capsys):
+    msg = _refused(capsys, T.main, ["--task", "geneval", "--base", str(sd3_dir), "--rl-reward", "objects",
+                                    "--out", str(tmp_path / "run")])
+    assert "--rl-reward objects" in msg and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", ["other_base", "other_rank"])
@@ -66,4 +92,4 @@ def test_bad_task_one_line_exit_2(task, tmp_path, capsys):
 def test_single_task_run_config_unchanged(tiny_base):
     """A single-task run's config (what a resume compares) has no new keys at the new flags' defaults."""
     conf = T.run_config(T.TeacherConfig(base=str(tiny_base)), ["ocr"])
-    assert "init" not in conf and "cascade" not in conf and conf["tasks"] == ["ocr"]
+    assert not set(T.LATER_FLAGS) & set(conf) and conf["tasks"] == ["ocr"]
