@@ -64,11 +64,18 @@ def budgets(cfg: ExperimentConfig) -> dict:
     """Run sizes. The full ones are the main job's (distill.py defaults) with a probe; --quick
     shrinks every loop to a few iterations."""
     if cfg.quick:
-        return {"distill": dict(rounds=2, prompts=2, steps=3, eval_every=2, eval_small=2, eval_n=3,
-                                eval_heldout_n=2, rank=4, alpha=8),
+        # an evaluation call samples E.EVAL_STEPS (40) steps whatever its n (tiny models: calls,
+        # not images, are the cost), so few calls: eval_every > rounds keeps the round-0 small
+        # eval only; the runs skip their own held-out table (eval_heldout_n 0: no study reads
+        # it; table1 scores every row on both tables through scores_of, the OPD seeds too);
+        # n = 2 images per task, the least a paired SE takes, also the runs' eval_n, so table1
+        # reads the seeds' primary scores from their cache; 2 rollouts, the least a spread
+        # across rollouts takes
+        return {"distill": dict(rounds=2, prompts=2, steps=3, eval_every=3, eval_small=2, eval_n=2,
+                                eval_heldout_n=0, rank=4, alpha=8),
                 "teacher": dict(iters=3, prompts=2, group=2, steps=3, rank=4, alpha=8, eval_n=0,
                                 eval_heldout_n=0, eval_every=3, eval_small=2),
-                "variance_rollouts": 3, "heldout_n": 2, "n": 3}
+                "variance_rollouts": 2, "heldout_n": 2, "n": 2}
     return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
             "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
             "variance_rollouts": 32, "heldout_n": E.HELDOUT_N, "n": 256}
@@ -81,7 +88,8 @@ def opd_run(cfg: ExperimentConfig, name: str, **over) -> Path:
     """One Stage 2 run (distill.run), resumed or read when it exists; returns its folder."""
     b = budgets(cfg)
     dc = A.AblationConfig(teachers=list(cfg.teachers), out=str(Path(cfg.out) / "distill" / name),
-                          probe_every=1 if cfg.quick else cfg.probe_every, **(b["distill"] | over))
+                          probe_every=2 if cfg.quick else cfg.probe_every,   # --quick: round 0 and the end
+                          **(b["distill"] | over))
     A.run(dc)
     return Path(dc.out)
 

@@ -10,6 +10,8 @@ import torch
 
 import ablations as A
 import bench_distill as B
+import distill as D
+import rewards as R
 import runs
 import sampler as S
 from conftest import REPO
@@ -80,8 +82,10 @@ def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
     transformers."""
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
+    # one batch, of 2 prompts (one text conditioning per prompt, the unconditional row broadcast):
+    # each batch costs a memory child process, ~10 s of importing torch, diffusers and peft
     try:                                                       # 1 thread: robust on a shared machine
-        res = B.main(["--size", "tiny", "--batches", "1,2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+        res = B.main(["--size", "tiny", "--batches", "2", "--repeats", "1", "--threads", "1", "--json", str(out)])
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
@@ -90,7 +94,7 @@ def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
     assert res["size"] == "tiny" and res["device"] == "cpu" and res["teachers"] == 3 and res["cfg"] == 4.5
     assert res["steps"] == 10 and res["lora"]["r"] == 32 and res["lora"]["alpha"] == 64
     assert res["trained_steps"] == 9        # the scheduler's grid at shift 3: its last step (.0089 -> 0) is not trained
-    assert [r["batch"] for r in res["batches"]] == [1, 2] and res["torch_threads"] == 1
+    assert [r["batch"] for r in res["batches"]] == [2] and res["torch_threads"] == 1
     for r in res["batches"]:
         assert not r["oom"]
         for k in ("fused_s", "three_pass_s", "floor_s", "floor_student_fwd_bwd_step_s", "floor_teacher_fwd_step_s"):
@@ -103,7 +107,7 @@ def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
         assert r["kl_fused"] > 0 and r["kl_fused"] == pytest.approx(r["kl_three_pass"], rel=1e-4), r
         assert 0 < r["pre_build_bytes"] <= r["baseline_bytes"] <= r["peak_bytes"], r
     lay = res["layouts"]
-    assert lay["batch"] == 1 and lay["adapters"]["peak_bytes"] == res["batches"][0]["peak_bytes"]
+    assert lay["batch"] == 2 and lay["adapters"]["peak_bytes"] == res["batches"][0]["peak_bytes"]
     assert lay["param_ratio"] < 0.5, f"adapters / {3} + 1 copies, parameter bytes: {lay['param_ratio']:.3f} (expected < 0.5)"
     assert lay["peak_ratio"] < 1, f"adapters / copies, measured peak RSS above pre-build: {lay['peak_ratio']:.3f} (expected < 1)"
     assert res["fit_80gb"] is None                              # full size on CUDA only
@@ -149,14 +153,35 @@ def test_bench_bad_flags_one_line_exit_2(argv, capsys):
 
 
 # ---- experiments.py: every study's code path with tiny budgets ----
-def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread, as test_opd.py's one_thread (with
+    two, every op waits for the descheduled other core: bench_distill.py's docstring)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_experiments_quick_all_studies_and_resume(tiny_teachers, one_thread, tmp_path, capsys, monkeypatch):
     """`experiments.py --quick` runs all four studies on tiny teachers, writes each results JSON and
     figure, shares the runs it says it shares, and a re-run trains nothing new (every run folder
     is read back, the gradient spread from its cache) and rewrites the same numbers."""
     import experiments as X
     args = ["--teachers", *tiny_teachers, "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
             "--quick", "--seeds", "2"]
+    # every Stage 2 run's report draws base-vs-student grids (distill.figures: 6 more 40-step samplings
+    # and 4 PNGs a run, a third of this test's time; tests/test_distill.py checks them): drawn for the
+    # first run here, at --quick's sizes, and skipped for the other runs; no study reads them
+    drawn, figures = [], D.figures
+
+    def first_figures(out, *a, **k):
+        drawn.append(out)
+        return figures(out, *a, **k) if len(drawn) == 1 else {}
+    monkeypatch.setattr(D, "figures", first_figures)
     X.main(args)
+    # 7 Stage 2 runs, no more (the shared ones run once): 2 seeds, a = 0.3, a = 0.7, PPO, REINFORCE, SFT
+    assert len(drawn) == 7 and (drawn[0] / "grid_ocr.png").is_file(), drawn
     docs = tmp_path / "docs"
     res = {s: json.loads((docs / f"{s}.json").read_text()) for s in X.STUDIES}
     assert all((docs / f"{s}.png").is_file() for s in ("noise", "estimators", "estimators_variance", "sft"))
@@ -167,11 +192,15 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     minus = res["table1"]["opd_minus"]                               # OPD's Average minus each row's, +- SE
     assert set(minus) == set(names) - {"DiffusionOPD (2 seeds)"}
     assert all(abs(v["scores"][0] - (avg["DiffusionOPD (2 seeds)"] - avg[n])) < 1e-9 and v["scores"][1] >= 0
-               for n, v in minus.items()), (minus, avg)
+               and v["heldout"][1] >= 0 for n, v in minus.items()), (minus, avg)
+    # both tables for every row: the OPD seeds' held-out scores come from table1 itself (--quick
+    # runs skip their own held-out table), the primary ones from the runs' cache
+    assert all(set(r["heldout"]) == set(r["scores"]) == set(R.toy.TASK_NAMES) for r in res["table1"]["rows"])
     noise = res["noise"]["runs"]
     assert set(noise) == {"0.0", "0.3", "0.7"}
     first = {a: v["probe_kl"][0] for a, v in noise.items()}          # round 0: the same no-op student
     assert first["0.0"] == first["0.3"] == first["0.7"], first
+    assert all(len(v["rounds"]) == 2 and v["evals"] for v in noise.values()), noise   # probes: round 0, the end
     assert noise["0.0"]["path"] == res["sft"]["runs"]["DiffusionOPD (on-policy)"]["path"]
     assert noise["0.7"]["path"] == res["estimators"]["runs"]["closed"]["path"]
     var = res["estimators"]["variance"]["tasks"]["ocr"]["0.7"]
