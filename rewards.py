@@ -14,7 +14,10 @@ protocol in evaluate.py:
                by pixel moments, box centres) applying GenEval's per-prompt rules to the
                top-k detections of each class: presence, exact counts, colours, relative
                position (geneval_checks). strict=True is GenEval's all-or-nothing 0/1
-               (evaluation); strict=False is the fraction of satisfied rules (RL's denser signal).
+               (evaluation); strict=False is the fraction of satisfied rules (RL's denser signal);
+               geneval_rl_reward pays half strict, half per-object credit, which a picture with
+               both objects in one colour cannot game (teachers.py --rl-reward objects), and
+               geneval_diagnostics reports per-tag accuracy and per-colour found-rates.
   * ocr      - PaddleOCR's PP-OCR recognizer (rapidocr-onnxruntime, offline) with the
                paper's score: 1 if the target is a substring of what is read, else
                1 - min(Levenshtein, len(target)) / len(target)                  (Sec. 9)

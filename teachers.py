@@ -30,7 +30,9 @@ Deliberate deviations from the papers (all for a 2-core CPU budget)
   2. No KL-to-reference term in either algorithm (GRPO-Guard's configs use none; NFT's is 1e-4,
      left out) and no EMA of the trained weights.
   3. NFT's old policy decay ramps as min(ramp * iteration, max) (our reading of the "decay
-     schedule"); NFT's rollouts use the same 10-step ODE grid as everything else.
+     schedule"); NFT's rollouts use the same 10-step ODE grid as everything else; its re-noising
+     times are uniform in [0.02, 0.98] (`--nft-t grid`: the grid's times) and advantages are
+     scaled per group (`--adv-scale batch`: by the batch's std, as Flow-GRPO's global_std).
   4. One rollout batch feeds `minibatches` optimizer steps (so PPO ratios leave 1 and the clip
      can act, as in Flow-GRPO, where a sample batch is split into several train batches).
   5. Learning rates and lengths are the CPU budget's, measured (docs/experiments.md): GRPO-Guard
@@ -39,6 +41,10 @@ Deliberate deviations from the papers (all for a 2-core CPU budget)
      timestep_fraction) costs ~3 s an iteration instead of ~4.7 and gains as much per
      iteration. CFG-free NFT on GenEval peaks near 700 iterations at lr 1e-3 (training reward
      0.54 -> 0.71) and declines after; at 3e-3 it declines sooner.
+  6. GenEval's RL reward is the fraction of GenEval's rules that hold; it pays 0.6 for a pair drawn
+     in one colour, and the shipped teacher learned to draw no green (docs/experiments.md, "GenEval:
+     the colour the shipped teacher forgot"). `--rl-reward objects` (rewards.geneval_rl_reward)
+     pays 0.25 for it; every GenEval run logs per-tag accuracy and per-colour found-rates.
 """
 from __future__ import annotations
 

@@ -34,10 +34,21 @@ import toy                                                  # noqa: E402
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread, here and in the scripts the tests
+    start (with 2, every op waits for a descheduled core: bench_distill.py measured 0.43 s vs 15-22 s
+    a round; the experiments.py smoke ran 93 s vs over 16 min with another job on the machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- running the scripts ------------------------------------------------------------------
 def _cli(*args, cwd=REPO, env=None, timeout=300):
-    """Run a repo script in a subprocess; returns CompletedProcess (text)."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    """Run a repo script in a subprocess (one torch thread, as one_thread); returns CompletedProcess (text)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=e)
 

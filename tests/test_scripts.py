@@ -153,17 +153,7 @@ def test_bench_bad_flags_one_line_exit_2(argv, capsys):
 
 
 # ---- experiments.py: every study's code path with tiny budgets ----
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread, as test_opd.py's one_thread (with
-    two, every op waits for the descheduled other core: bench_distill.py's docstring)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_experiments_quick_all_studies_and_resume(tiny_teachers, one_thread, tmp_path, capsys, monkeypatch):
+def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys, monkeypatch):
     """`experiments.py --quick` runs all four studies on tiny teachers, writes each results JSON and
     figure, shares the runs it says it shares, and a re-run trains nothing new (every run folder
     is read back, the gradient spread from its cache) and rewrites the same numbers."""
