@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rewards
 import runs
 import sampler as S
 import toy
@@ -87,7 +88,6 @@ def geneval_diagnostics(policy, n: int, guidance: float | None = None, split: st
     """The protocol's first n GenEval images of the active adapter (the same images evaluate()
     scores: "strict" is their mean score) -> rewards.geneval_diagnostics: strict accuracy per tag
     and the found-rate of each colour. Toy scale, one process."""
-    import rewards
     g = policy.guidance if guidance is None else guidance
     ps = eval_prompts("geneval", split, n)
     imgs = S.sample(policy, ps, [EVAL_SEED + i for i in range(n)], EVAL_STEPS, policy.shift, g, 64)
