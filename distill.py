@@ -409,7 +409,7 @@ def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy
                      "heldout": {k: float(v.mean()) for k, v in per[name].get("test", {}).items()}})
     res = E.results(rows, {"n": cfg.eval_n, "heldout_n": cfg.eval_heldout_n, "seed": E.EVAL_SEED,
                            "steps": E.EVAL_STEPS, "sampler": "ODE (a = 0)",
-                           "metrics": {t: v.metric for t, v in table.items()}}, per)
+                           "metrics": {t: v.metric for t, v in table.items()}}, per, table)
     gains = {}
     for split in per["base"]:
         for t in by_task:
@@ -449,7 +449,7 @@ def figures(out: Path, policy: S.Policy, scores: dict, table: dict | None = None
     drawn, table = {}, table or R.TASKS
     k = min([k] + [len(v) for sc in scores.values() for v in sc.values()])   # at most the protocol's n
     for task in [t for t in R.toy.TASK_NAMES if t in scores["base"]]:
-        ps = E.eval_prompts(task, "train", k, table)
+        ps = E.eval_prompts(task, "train", k, table)[:k]          # GenEval's list rounds up to equal tags
         seeds = [E.EVAL_SEED + i for i in range(k)]
         fig, axes = plt.subplots(2, k, figsize=(1.3 * k, 3.9))
         for row, (name, adapter) in enumerate((("base", None), ("DiffusionOPD student", "student"))):

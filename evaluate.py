@@ -45,14 +45,36 @@ REWARD_PACKAGES = ("numpy", "opencv-python", "rapidocr-onnxruntime", "onnxruntim
 
 
 def eval_prompts(task: str, split: str, n: int, table: dict | None = None) -> list[str]:
-    """The protocol's n prompts: prompt i = split[i % len(split)], so a short list repeats
-    with fresh noise (image i always starts from seed EVAL_SEED + i). table: the base's task
-    table (tasks_for; default the toy one)."""
+    """The protocol's prompts: prompt i = split[i % len(split)], so a short list repeats with
+    fresh noise (image i always starts from seed EVAL_SEED + i). table: the base's task table
+    (tasks_for; default the toy one). A task with tags (GenEval) draws per tag, as GenEval does:
+    the T tags of the split take turns (image i is of tag i % T, its (i // T)-th image, cycling
+    through that tag's prompts in list order), ceil(n / T) images each - T * ceil(n / T) images,
+    the same number per tag, so the plain mean of the scores is GenEval's Overall (the mean of the
+    per-tag accuracies) and paired differences stay plain paired differences."""
     t = (table or TASKS)[task]
     ps = t.train if split == "train" else t.test
     if not ps:
         raise ValueError(f"task {task!r} has an empty {split} prompt set")
-    return [ps[i % len(ps)] for i in range(n)]
+    if t.tag is None:
+        return [ps[i % len(ps)] for i in range(n)]
+    groups: dict = {}
+    for p in ps:                                               # tags in order of first appearance
+        groups.setdefault(t.tag(p), []).append(p)
+    g = list(groups.values())
+    return [g[i % len(g)][(i // len(g)) % len(g[i % len(g)])] for i in range(len(g) * -(-n // len(g)))]
+
+
+def tag_accuracies(task: str, split: str, scores, table: dict | None = None) -> dict:
+    """A tagged task's (GenEval's) per-tag means of the protocol's per-image scores: {tag: [mean, n]}
+    ({} for a task without tags)."""
+    t = (table or TASKS)[task]
+    if t.tag is None:
+        return {}
+    by: dict = {}
+    for p, s in zip(eval_prompts(task, split, len(scores), table), scores):
+        by.setdefault(t.tag(p), []).append(float(s))
+    return {k: [float(np.mean(v)), len(v)] for k, v in by.items()}
 
 
 def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, batch: int = 0,
@@ -67,6 +89,7 @@ def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, bat
     table = table or tasks_for(policy.base_path)
     batch = batch or (8 if policy.vae is not None else 64)
     ps = eval_prompts(task, split, n, table)
+    n = len(ps)                                                # a tagged task: rounded up to equal tags
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if dist else (1, 0)
     mine = list(range(rank, n, world))
@@ -85,12 +108,12 @@ def evaluate(policy, task: str, n: int = 256, guidance: float | None = None, bat
 
 
 def geneval_diagnostics(policy, n: int, guidance: float | None = None, split: str = "train") -> dict:
-    """The protocol's first n GenEval images of the active adapter (the same images evaluate()
-    scores: "strict" is their mean score) -> rewards.geneval_diagnostics: strict accuracy per tag
-    and the found-rate of each colour. Toy scale, one process."""
+    """The protocol's GenEval images for n (the same images evaluate() scores: "strict" is their
+    mean score, GenEval's Overall) -> rewards.geneval_diagnostics: strict accuracy per tag and the
+    found-rate of each colour. Toy scale, one process."""
     g = policy.guidance if guidance is None else guidance
     ps = eval_prompts("geneval", split, n)
-    imgs = S.sample(policy, ps, [EVAL_SEED + i for i in range(n)], EVAL_STEPS, policy.shift, g, 64)
+    imgs = S.sample(policy, ps, [EVAL_SEED + i for i in range(len(ps))], EVAL_STEPS, policy.shift, g, 64)
     return rewards.geneval_diagnostics(imgs, ps)
 
 
@@ -332,12 +355,18 @@ def _resolution(base: str):
 # ---------------------------------------------------------------------------------
 # the results JSON, its tables, and the command line
 # ---------------------------------------------------------------------------------
-def results(rows: list[dict], proto: dict, per_image: dict | None = None) -> dict:
+def results(rows: list[dict], proto: dict, per_image: dict | None = None, tasks: dict | None = None) -> dict:
     """The results JSON. rows: {name, path, scores: {task: mean}, heldout: {task: mean}}; the
     paper's Average per table: the mean over the metric columns of (score - column min) /
     (column max - column min) over THESE rows; a column whose rows are all equal contributes 0.
     per_image {name: {split: {task: (n,)}}}: each row also gets its paired difference to the
-    first row (the base) with its standard error, per task and table."""
+    first row (the base) with its standard error, per task and table, and a tagged task's (GenEval's)
+    per-tag accuracies ("tags" / "tags_heldout": {task: {tag: [accuracy, n]}}; tasks: the task table)."""
+    for r in rows:
+        for key, split in (("tags", "train"), ("tags_heldout", "test")):
+            got = {c: tag_accuracies(c, split, v, tasks) for c, v in (per_image or {}).get(r["name"], {}).get(split, {}).items()}
+            if any(got.values()):
+                r[key] = {c: v for c, v in got.items() if v}
     for table, split in (("scores", "train"), ("heldout", "test")):
         have = [r for r in rows if r.get(table)]
         cols = [t for t in toy.TASK_NAMES if have and all(t in r[table] for r in have)]
@@ -369,14 +398,38 @@ def render_table(res: dict, table: str = "scores") -> str:
     return "\n".join(lines)
 
 
+def render_tags(res: dict, table: str = "scores") -> str:
+    """A table's per-tag accuracies of its tagged task (GenEval): one row per model ('' if none)."""
+    key = "tags" if table == "scores" else "tags_heldout"
+    rows = [r for r in res["rows"] if r.get(key)]
+    if not rows:
+        return ""
+    task = next(iter(rows[0][key]))
+    tags = list(rows[0][key][task])
+    n = sorted({v[1] for r in rows for v in r[key][task].values()})
+    lines = [f"{res['protocol'].get('metrics', {}).get(task, TASKS[task].metric)} per tag (strict accuracy; its "
+             f"Overall, the column above, is their mean; n = {'-'.join(map(str, n))} per tag)", "",
+             "| Model | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 1)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[key][task][t][0]:.3f}" if t in r[key][task] else "-"
+                                                     for t in tags) + " |")
+    return "\n".join(lines)
+
+
 def render_results(res: dict) -> str:
-    """Both tables with their captions, as the scripts print them and the README shows them."""
+    """Both tables with their captions and GenEval's per-tag accuracies, as the scripts print them
+    and the README shows them."""
     p = res["protocol"]
-    out = [f"Primary table: the tasks' train prompts (the prompts RL and distillation use), n = {p['n']} per task; "
-           "(paired difference to the base +- SE)", "", render_table(res, "scores")]
+    out = [f"Primary table: the tasks' train prompts (the prompts RL and distillation use), n = {p['n']} per task "
+           "(GenEval: rounded up to the same number per tag); (paired difference to the base +- SE)", "",
+           render_table(res, "scores")]
+    if render_tags(res, "scores"):
+        out += ["", render_tags(res, "scores")]
     if any(r.get("heldout") for r in res["rows"]):
         out += ["", f"Generalisation to unseen prompts: the held-out test prompts, n = {p['heldout_n']} per task",
                 "", render_table(res, "heldout")]
+        if render_tags(res, "heldout"):
+            out += ["", render_tags(res, "heldout")]
     return "\n".join(out)
 
 
@@ -438,7 +491,7 @@ def main(argv=None):
         sys.exit(2)
     table = tasks_for(runs.settings(args.ckpts[0])["base"], args.prompt_dir or None)
     res = results(rows, {"n": args.n, "heldout_n": args.heldout_n, "seed": EVAL_SEED, "steps": EVAL_STEPS,
-                         "sampler": "ODE (a = 0)", "metrics": {t: v.metric for t, v in table.items()}}, per)
+                         "sampler": "ODE (a = 0)", "metrics": {t: v.metric for t, v in table.items()}}, per, table)
     print(render_results(res))
     if args.json:
         runs.write_json_atomic(args.json, res)

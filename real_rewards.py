@@ -537,7 +537,8 @@ def real_tasks(prompt_dir: str | Path | None = None) -> dict:
                 return geneval_real_reward(images, [specs[p] for p in prompts], strict)
         else:
             reward = ocr_real_reward if name == "ocr" else pickscore_reward
-        table[name] = Task(name, train, test, reward, metric, scale, cfg, h.hexdigest()[:16])
+        tag = (lambda p, specs=specs: specs[p]["tag"]) if name == "geneval" else None
+        table[name] = Task(name, train, test, reward, metric, scale, cfg, h.hexdigest()[:16], tag)
     return table
 
 

@@ -457,11 +457,18 @@ class Task:
     scale: str              # the metric's range, for printing
     teacher_cfg: float      # CFG of a published SD3 teacher without opd.json (paper Sec. 4)
     source: str = ""        # real scale: a hash of the prompt files (part of the evaluation protocol)
+    tag: Callable | None = None   # GenEval: prompt -> its tag; the protocol draws the same number of images
+                                  # per tag and the column is GenEval's Overall, the mean of the tags' accuracies
+
+
+def geneval_tag(prompt: str) -> str:
+    """A toy GenEval prompt's tag (GENEVAL_TAGS)."""
+    return toy.parse(prompt)["category"]
 
 
 TASKS = {
     "geneval": Task("geneval", toy.prompts("geneval", "train"), toy.prompts("geneval", "test"),
-                    geneval_reward, "GenEval", "0-1", 1.0),                       # CFG-free NFT
+                    geneval_reward, "GenEval", "0-1", 1.0, tag=geneval_tag),      # CFG-free NFT
     "ocr": Task("ocr", toy.prompts("ocr", "train"), toy.prompts("ocr", "test"),
                 ocr_reward, "OCR", "0-1", 4.5),
     "aesthetic": Task("aesthetic", toy.prompts("aesthetic", "train"), toy.prompts("aesthetic", "test"),

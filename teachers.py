@@ -98,6 +98,9 @@ class TeacherConfig:
     rl_reward: str = arg("rules", "GenEval's RL reward: rules = the fraction of GenEval's rules that hold (the "
                          "shipped teacher's); objects = 0.5 strict + 0.5 per-object credit, which a one-colour "
                          "picture cannot game (rewards.geneval_rl_reward; toy only)", "in rules|objects")
+    prompt_mix: str = arg("uniform", "how an iteration draws its prompts: uniform over the task's train prompts, or "
+                          "tags: a tag first, uniform over the task's tags (GenEval: as its Overall weighs them), "
+                          "then one of its prompts", "in uniform|tags")
     eval_every: int = arg(25, "small paired eval on train prompts every N iterations (0: never)", ">= 0")
     eval_small: int = arg(32, "images for the periodic eval", ">= 1")
     eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
@@ -156,7 +159,8 @@ def load_init(policy, name: str, ckpt: str) -> None:
             v.copy_(sd[k])
 
 
-LATER_FLAGS = {"init": "", "cascade": False, "nft_t": "uniform", "adv_scale": "group", "rl_reward": "rules"}
+LATER_FLAGS = {"init": "", "cascade": False, "nft_t": "uniform", "adv_scale": "group", "rl_reward": "rules",
+               "prompt_mix": "uniform"}
 
 
 def run_config(cfg, tasks: list[str]) -> dict:
@@ -183,6 +187,18 @@ def group_advantages(r: np.ndarray, group: int, scale: str = "group") -> tuple[n
     adv = (rg - rg.mean(1, keepdims=True)) / (std + 1e-4)
     keep = np.repeat(rg.std(1) > 1e-6, group)
     return adv.reshape(-1), keep
+
+
+def draw_prompts(task, k: int, mix: str, rng: np.random.Generator) -> list[str]:
+    """k of the task's train prompts: uniform over them, or (mix "tags", a task with tags: GenEval)
+    a tag uniformly first, then one of that tag's prompts."""
+    if mix != "tags" or task.tag is None:
+        return [task.train[i] for i in rng.integers(len(task.train), size=k)]
+    groups: dict = {}
+    for p in task.train:
+        groups.setdefault(task.tag(p), []).append(p)
+    g = list(groups.values())
+    return [g[t][rng.integers(len(g[t]))] for t in rng.integers(len(g), size=k)]
 
 
 def rl_reward(task, cfg):
@@ -384,7 +400,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         task = R.TASKS[tasks[it % len(tasks)]]
         rng = np.random.default_rng([cfg.seed, it])
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
-        prompts = [task.train[k] for k in rng.integers(len(task.train), size=cfg.prompts) for _ in range(cfg.group)]
+        prompts = [p for p in draw_prompts(task, cfg.prompts, cfg.prompt_mix, rng) for _ in range(cfg.group)]
         cond = policy.encode(prompts)
         x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
         rec = {"iter": it, "task": task.name}
@@ -414,7 +430,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if l.strip()]
         every = [r["kept"] for r in recs if r.get("task") == "geneval" and "kept" in r]      # the whole run's
         meta["geneval_diagnostics"] = geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, g), base_diag,
-                                                     every) | {"base": base_diag, "n": cfg.eval_small}
+                                                     every) | {"base": base_diag, "n": len(E.eval_prompts("geneval", "train", cfg.eval_small))}
     policy.save_adapter("teacher", ckpt, meta)
     final_eval(cfg, ckpt, meta, f"teacher {label} ({cfg.algo})")
     return ckpt

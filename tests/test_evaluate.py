@@ -24,7 +24,8 @@ def test_evaluate_checkpoint_caches_by_protocol(tiny_base, tmp_path, monkeypatch
     shutil.copytree(tiny_base, ck, ignore=shutil.ignore_patterns("scores.json"))   # other tests' entries left behind
     first = E.evaluate_checkpoint(str(ck), 4, 3)
     assert set(first) == {"train", "test"} and all(set(v) == set(R.TASKS) for v in first.values())
-    assert all(len(v) == 4 for v in first["train"].values()) and all(len(v) == 3 for v in first["test"].values())
+    assert all(len(first[s][t]) == len(E.eval_prompts(t, s, k)) for s, k in (("train", 4), ("test", 3)) for t in R.TASKS)
+    assert len(first["train"]["ocr"]) == 4 and len(first["train"]["geneval"]) == 5     # GenEval: one per tag
     cache = json.loads((ck / "scores.json").read_text())
     assert len(cache) == 6 and all(c["protocol"]["steps"] == 40 for c in cache.values())
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
@@ -32,6 +33,50 @@ def test_evaluate_checkpoint_caches_by_protocol(tiny_base, tmp_path, monkeypatch
     assert all(np.array_equal(first[s][k], again[s][k]) for s in first for k in first[s])
     with pytest.raises(AssertionError, match="recomputed"):    # another n: a new protocol key
         E.evaluate_checkpoint(str(ck), 5, 3)
+
+
+@pytest.mark.parametrize("split,n", [("train", 256), ("test", E.HELDOUT_N), ("train", 7)])
+def test_geneval_is_drawn_per_tag(split, n):
+    """GenEval's images come the same number per tag (its tags take turns, each cycling through its own
+    prompts in list order), so the plain mean of the per-image scores is GenEval's Overall - the mean
+    of the per-tag accuracies - and a shorter list is a prefix of a longer one. Other tasks: split[i % len]."""
+    from collections import Counter
+    pool = R.TASKS["geneval"].train if split == "train" else R.TASKS["geneval"].test
+    tags = list(dict.fromkeys(R.geneval_tag(p) for p in pool))
+    ps = E.eval_prompts("geneval", split, n)
+    k = -(-n // len(tags))
+    assert len(ps) == k * len(tags) and Counter(map(R.geneval_tag, ps)) == {t: k for t in tags}
+    for t in tags:
+        mine, theirs = [p for p in ps if R.geneval_tag(p) == t], [p for p in pool if R.geneval_tag(p) == t]
+        assert mine == [theirs[i % len(theirs)] for i in range(k)]
+    assert E.eval_prompts("geneval", split, 3) == ps[:len(tags)]
+    sc = np.random.default_rng(0).random(len(ps))
+    acc = E.tag_accuracies("geneval", split, sc)
+    assert {n_t for _, n_t in acc.values()} == {k} and abs(np.mean([a for a, _ in acc.values()]) - sc.mean()) < 1e-12
+    assert E.tag_accuracies("ocr", split, sc[:5]) == {}
+    ocr = R.TASKS["ocr"].train if split == "train" else R.TASKS["ocr"].test
+    assert E.eval_prompts("ocr", split, n) == [ocr[i % len(ocr)] for i in range(n)]
+    if split == "train" and n == 256:
+        assert k >= 40, f"{k} images per tag in the primary table; GenEval's Overall wants at least 40"
+
+
+def test_results_carry_geneval_per_tag():
+    """Each row of a results JSON stores GenEval's per-tag accuracies of both tables, and the printed
+    tables show them under the table whose column is their mean."""
+    rng = np.random.default_rng(1)
+    per = {name: {s: {t: rng.integers(0, 2, len(E.eval_prompts(t, s, k))).astype(float) for t in R.TASKS}
+                  for s, k in (("train", 256), ("test", 64))} for name in ("base", "teacher geneval")}
+    rows = [{"name": name, "scores": {t: float(v.mean()) for t, v in p["train"].items()},
+             "heldout": {t: float(v.mean()) for t, v in p["test"].items()}} for name, p in per.items()]
+    res = E.results(rows, {"n": 256, "heldout_n": 64}, per)
+    for r in res["rows"]:
+        for key, s in (("tags", "train"), ("tags_heldout", "test")):
+            acc = r[key]["geneval"]
+            assert acc == E.tag_accuracies("geneval", s, per[r["name"]][s]["geneval"])
+            assert abs(np.mean([a for a, _ in acc.values()]) - r["scores" if s == "train" else "heldout"]["geneval"]) < 1e-12
+    text = E.render_results(res)
+    assert text.count("GenEval per tag") == 2 and "n = 52 per tag" in text and "n = 16 per tag" in text
+    assert f"{res['rows'][1]['tags']['geneval']['counting'][0]:.3f}" in text
 
 
 def test_evaluation_is_paired_and_deterministic(tiny_base):
@@ -169,7 +214,8 @@ def test_shipped_caches_hit(monkeypatch):
     for ck in SHIPPED:
         per = E.evaluate_checkpoint(str(REPO / ck), 256, E.HELDOUT_N)
         assert {s: sorted(v) for s, v in per.items()} == {"train": sorted(R.TASKS), "test": sorted(R.TASKS)}
-        assert all(len(v) == 256 for v in per["train"].values()) and all(len(v) == E.HELDOUT_N for v in per["test"].values())
+        assert all(len(v) == len(E.eval_prompts(t, s, k)) for s, k in (("train", 256), ("test", E.HELDOUT_N))
+                   for t, v in per[s].items())
 
 
 LSB_FLIPS = 8          # pixel values a different CPU may round the other way, per image (measured: 1-2)
@@ -200,7 +246,7 @@ def test_shipped_teacher_cache_reproduces():
     cached = E.evaluate_checkpoint(str(path), 256, E.HELDOUT_N)["train"]
     pol = S.Policy(str(path))
     for task in R.TASKS:
-        ps = E.eval_prompts(task, "train", 8)
+        ps = E.eval_prompts(task, "train", 8)[:8]                # GenEval's list rounds up to whole tags
         imgs = S.sample(pol, ps, [E.EVAL_SEED + i for i in range(8)], E.EVAL_STEPS, pol.shift, pol.guidance)
         fresh = R.TASKS[task].reward(imgs, ps)
         tol = reward_noise(task, imgs, ps) + 1e-6

@@ -790,11 +790,12 @@ def test_real_scale_evaluation_path(sd3_policy, monkeypatch):
             return np.arange(len(what), dtype=np.float64)
     monkeypatch.setattr(RR, "_scorer", lambda cls: Recorder(cls.__name__))
     real = RR.tasks_for(sd3_policy.base_path)
-    sc = E.evaluate(sd3_policy, "geneval", 3, 1.0, split="test", table=real)
-    assert list(sc) == [0, 1, 2]
+    sc = E.evaluate(sd3_policy, "geneval", 3, 1.0, split="test", table=real)     # drawn per tag: one of each of 6
+    assert list(sc) == [0, 1, 2, 3, 4, 5]
     shape, dtype, metas = seen["GenEvalScorer"]
-    assert shape == (3, 16, 16, 3) and dtype == np.uint8
-    assert [m["prompt"] for m in metas] == real["geneval"].test[:3] and all("include" in m for m in metas)
+    assert shape == (6, 16, 16, 3) and dtype == np.uint8
+    assert [m["prompt"] for m in metas] == E.eval_prompts("geneval", "test", 3, real) and all("include" in m for m in metas)
+    assert sorted(m["tag"] for m in metas) == sorted(RR.GENEVAL_TAGS)
     E.evaluate(sd3_policy, "aesthetic", 2, 1.0, split="train", table=real)
     assert seen["PickScore"][2] == real["aesthetic"].train[:2]
 

@@ -42,12 +42,26 @@ def test_geneval_run_reports_tags_colours_and_spread(tiny_base, tmp_path, capsys
     assert len(evals) == 2 and all(0 <= r["zero_spread"] <= 1 and set(r["geneval_tags"]) <= set(R.GENEVAL_TAGS)
                                    for r in evals), evals
     diag = runs.read_meta(ck)["geneval_diagnostics"]
-    assert diag["n"] == 8 and set(diag["base"]) == {"strict", "tags", "colours"} and "eval_geneval" in diag
-    n_tags = sum(n for _, n in diag["geneval_tags"].values())
-    assert n_tags == 8 and abs(diag["eval_geneval"] - sum(a * n for a, n in diag["geneval_tags"].values()) / 8) < 1e-12
+    assert diag["n"] == 10 and set(diag["base"]) == {"strict", "tags", "colours"} and "eval_geneval" in diag
+    assert {n for _, n in diag["geneval_tags"].values()} == {2}           # 8 asked, 2 per tag: GenEval's Overall
+    assert abs(diag["eval_geneval"] - sum(a for a, _ in diag["geneval_tags"].values()) / 5) < 1e-12
     want = R.colour_warnings({"colours": diag["geneval_colours"]}, diag["base"])
     assert diag.get("warnings", []) == want and all(w in capsys.readouterr().err for w in want)
     assert T.run_config(T.TeacherConfig(base=str(tiny_base), rl_reward="objects"), ["geneval"])["rl_reward"] == "objects"
+
+
+def test_prompt_mix_tags_draws_each_tag_equally():
+    """--prompt-mix tags: a tag uniformly, then one of its prompts (GenEval's train prompts are 72%
+    position prompts); uniform (the default) is the draw the shipped teachers trained with."""
+    from collections import Counter
+    import numpy as np
+    task = R.TASKS["geneval"]
+    got = Counter(map(R.geneval_tag, T.draw_prompts(task, 5000, "tags", np.random.default_rng(0))))
+    assert set(got) == set(R.GENEVAL_TAGS) and all(abs(c - 1000) < 100 for c in got.values()), got   # sd ~28
+    assert T.draw_prompts(task, 16, "uniform", np.random.default_rng(3)) == \
+        [task.train[i] for i in np.random.default_rng(3).integers(len(task.train), size=16)]
+    ocr = R.TASKS["ocr"]                                      # no tags: the uniform draw
+    assert T.draw_prompts(ocr, 9, "tags", np.random.default_rng(4)) == T.draw_prompts(ocr, 9, "uniform", np.random.default_rng(4))
 
 
 def test_rl_reward_objects_is_the_toys(sd3_dir, tmp_path, capsys):
