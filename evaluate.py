@@ -14,6 +14,7 @@ command line that prints both tables:
 
     python evaluate.py base ckpts/*                         # both tables, paired to the first folder
     python evaluate.py base ckpts/* --export-scores         # also store them in the folders' scores.json
+    python evaluate.py base ckpts/geneval --geneval-diagnostics    # + GenEval per tag and per colour
     python evaluate.py --geneval-prompts DIR --exclude prompts/geneval/test_metadata.jsonl   # GenEval training prompts
 """
 import hashlib
@@ -433,6 +434,20 @@ def render_results(res: dict) -> str:
     return "\n".join(out)
 
 
+def render_diagnostics(diags: dict) -> str:
+    """{name: rewards.geneval_diagnostics} -> one table: GenEval's Overall, per-tag accuracy and
+    per-colour found-rate (of the objects asked for in a colour, the share detected in it)."""
+    tags = list(dict.fromkeys(t for d in diags.values() for t in d["tags"]))
+    cols = list(dict.fromkeys(c for d in diags.values() for c in d["colours"]))
+    lines = ["| Model | Overall | " + " | ".join(tags + [f"{c} found" for c in cols]) + " |",
+             "|" + "---|" * (2 + len(tags) + len(cols))]
+    for name, d in diags.items():
+        lines.append(f"| {name} | {d['strict']:.3f} | " + " | ".join(
+            [f"{d['tags'][t][0]:.2f}" if t in d["tags"] else "-" for t in tags]
+            + [f"{d['colours'][c][0]:.2f}" if c in d["colours"] else "-" for c in cols]) + " |")
+    return "\n".join(lines)
+
+
 def row_name(path: str) -> str:
     """A results row's name from a checkpoint's metadata: base, teacher <task>, student."""
     meta = runs.read_meta(path) if Path(path).is_dir() else {}
@@ -456,6 +471,9 @@ def main(argv=None):
     ap.add_argument("--export-scores", action="store_true",
                     help="write these per-image scores into each checkpoint's own scores.json - the one way "
                          "scores enter base/ or ckpts/ (default: off; misses of shipped checkpoints go to runs/scores/)")
+    ap.add_argument("--geneval-diagnostics", action="store_true",
+                    help="also print each checkpoint's GenEval per-tag accuracies and per-colour found-rates on the "
+                         "primary table's GenEval images (toy bases; samples them again; default: off)")
     ap.add_argument("--prompt-dir", default="", help="SD3 bases: the prompt folder (README, 'Real scale'; "
                                                      "default: the example set in prompts/)")
     ap.add_argument("--geneval-prompts", default="", metavar="DIR",
@@ -474,6 +492,10 @@ def main(argv=None):
             return
         if not args.ckpts:
             raise runs.CheckpointError("no checkpoints given; pass folders to evaluate (or --geneval-prompts DIR)")
+        if args.geneval_diagnostics and any(Path(c).is_dir() and runs.settings(c)["kind"] != "toy" or not Path(c).is_dir()
+                                            for c in args.ckpts):
+            raise runs.CheckpointError("--geneval-diagnostics reads the toy's scenes; at real scale the tables' "
+                                       "GenEval per tag is what there is")
         if args.json:
             runs.output_file(args.json, "--json")              # its folder made (or refused) before the work
         for c in args.ckpts:
@@ -493,6 +515,11 @@ def main(argv=None):
     res = results(rows, {"n": args.n, "heldout_n": args.heldout_n, "seed": EVAL_SEED, "steps": EVAL_STEPS,
                          "sampler": "ODE (a = 0)", "metrics": {t: v.metric for t, v in table.items()}}, per, table)
     print(render_results(res))
+    if args.geneval_diagnostics:                               # the same images as the GenEval column's
+        res["geneval_diagnostics"] = {r["name"]: geneval_diagnostics(S.Policy(r["path"]), args.n, runs.settings(
+            r["path"])["cfg"]) for r in rows}
+        print(f"\nGenEval's diagnostics (primary table, n = {len(eval_prompts('geneval', 'train', args.n))}):\n\n"
+              + render_diagnostics(res["geneval_diagnostics"]))
     if args.json:
         runs.write_json_atomic(args.json, res)
 

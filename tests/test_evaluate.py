@@ -79,6 +79,22 @@ def test_results_carry_geneval_per_tag():
     assert f"{res['rows'][1]['tags']['geneval']['counting'][0]:.3f}" in text
 
 
+def test_geneval_diagnostics_are_the_columns_images(tiny_base, tiny_teachers, tmp_path, capsys, sd3_dir):
+    """evaluate.py --geneval-diagnostics: per checkpoint, GenEval's per-tag accuracies and per-colour
+    found-rates on the primary table's GenEval images - the same images: its Overall is the column's
+    mean and its tags the table's. Real scale: refused before any work."""
+    out = tmp_path / "res.json"
+    E.main([str(tiny_base), tiny_teachers[0], "--n", "5", "--heldout-n", "0", "--geneval-diagnostics", "--json", str(out)])
+    printed, res = capsys.readouterr().out, json.loads(out.read_text())
+    diag = res["geneval_diagnostics"]
+    assert list(diag) == [r["name"] for r in res["rows"]] and E.render_diagnostics(diag) in printed
+    for r in res["rows"]:
+        assert abs(diag[r["name"]]["strict"] - r["scores"]["geneval"]) < 1e-9, (diag[r["name"]], r["scores"])
+        assert {t: v[0] for t, v in diag[r["name"]]["tags"].items()} == {t: v[0] for t, v in r["tags"]["geneval"].items()}
+    msg = _refused(capsys, E.main, [str(sd3_dir), "--geneval-diagnostics", "--json", str(tmp_path / "x" / "r.json")])
+    assert "--geneval-diagnostics" in msg and not (tmp_path / "x").exists()
+
+
 def test_evaluation_is_paired_and_deterministic(tiny_base):
     pol = S.Policy(str(tiny_base))
     a, b = E.evaluate(pol, "aesthetic", 6), E.evaluate(pol, "aesthetic", 6, batch=4)
