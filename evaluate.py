@@ -59,10 +59,7 @@ def eval_prompts(task: str, split: str, n: int, table: dict | None = None) -> li
         raise ValueError(f"task {task!r} has an empty {split} prompt set")
     if t.tag is None:
         return [ps[i % len(ps)] for i in range(n)]
-    groups: dict = {}
-    for p in ps:                                               # tags in order of first appearance
-        groups.setdefault(t.tag(p), []).append(p)
-    g = list(groups.values())
+    g = rewards.by_tag(t, ps)
     return [g[i % len(g)][(i // len(g)) % len(g[i % len(g)])] for i in range(len(g) * -(-n // len(g)))]
 
 

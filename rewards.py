@@ -466,6 +466,15 @@ def geneval_tag(prompt: str) -> str:
     return toy.parse(prompt)["category"]
 
 
+def by_tag(task: "Task", prompts: list[str]) -> list[list[str]]:
+    """A tagged task's prompts grouped by tag, tags in order of first appearance, each group in list
+    order (the evaluation's per-tag draw and teachers.py --prompt-mix tags)."""
+    groups: dict = {}
+    for p in prompts:
+        groups.setdefault(task.tag(p), []).append(p)
+    return list(groups.values())
+
+
 TASKS = {
     "geneval": Task("geneval", toy.prompts("geneval", "train"), toy.prompts("geneval", "test"),
                     geneval_reward, "GenEval", "0-1", 1.0, tag=geneval_tag),      # CFG-free NFT

@@ -198,10 +198,7 @@ def draw_prompts(task, k: int, mix: str, rng: np.random.Generator) -> list[str]:
     a tag uniformly first, then one of that tag's prompts."""
     if mix != "tags" or task.tag is None:
         return [task.train[i] for i in rng.integers(len(task.train), size=k)]
-    groups: dict = {}
-    for p in task.train:
-        groups.setdefault(task.tag(p), []).append(p)
-    g = list(groups.values())
+    g = R.by_tag(task, task.train)
     return [g[t][rng.integers(len(g[t]))] for t in rng.integers(len(g), size=k)]
 
 
