@@ -102,9 +102,10 @@ class TeacherConfig:
     rl_reward: str = arg("rules", "GenEval's RL reward: rules = the fraction of GenEval's rules that hold (the "
                          "shipped teacher's); objects = 0.5 strict + 0.5 per-object credit, which a one-colour "
                          "picture cannot game (rewards.geneval_rl_reward; toy only)", "in rules|objects")
-    prompt_mix: str = arg("uniform", "how an iteration draws its prompts: uniform over the task's train prompts, or "
+    prompt_mix: str = arg("uniform", "how an iteration draws its prompts: uniform over the task's train prompts; "
                           "tags: a tag first, uniform over the task's tags (GenEval: as its Overall weighs them), "
-                          "then one of its prompts", "in uniform|tags")
+                          "then one of its prompts; spread: a tag in proportion to its share of groups with reward "
+                          "spread over the last SPREAD_WINDOW iterations (at least SPREAD_FLOOR)", "in uniform|tags|spread")
     eval_every: int = arg(25, "small paired eval on train prompts every N iterations (0: never)", ">= 0")
     eval_small: int = arg(32, "images for the periodic eval", ">= 1")
     eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
@@ -193,13 +194,37 @@ def group_advantages(r: np.ndarray, group: int, scale: str = "group") -> tuple[n
     return adv.reshape(-1), keep
 
 
-def draw_prompts(task, k: int, mix: str, rng: np.random.Generator) -> list[str]:
-    """k of the task's train prompts: uniform over them, or (mix "tags", a task with tags: GenEval)
-    a tag uniformly first, then one of that tag's prompts."""
-    if mix != "tags" or task.tag is None:
+SPREAD_WINDOW = 50     # --prompt-mix spread: iterations whose groups weigh the tags
+SPREAD_FLOOR = 0.2     # ... and the least weight of a tag (one whose groups all lost their spread)
+
+
+def draw_prompts(task, k: int, mix: str, rng: np.random.Generator, weights: dict | None = None) -> list[str]:
+    """k of the task's train prompts: uniform over them, or (mix "tags" / "spread", a task with tags:
+    GenEval) a tag first - uniformly, or in proportion to `weights` {tag: w} (tag_weights) - then one
+    of that tag's prompts."""
+    if mix == "uniform" or task.tag is None:
         return [task.train[i] for i in rng.integers(len(task.train), size=k)]
     g = R.by_tag(task, task.train)
-    return [g[t][rng.integers(len(g[t]))] for t in rng.integers(len(g), size=k)]
+    if weights is None:
+        ts = rng.integers(len(g), size=k)
+    else:
+        w = np.array([weights[task.tag(ps[0])] for ps in g])
+        ts = rng.choice(len(g), size=k, p=w / w.sum())
+    return [g[t][rng.integers(len(g[t]))] for t in ts]
+
+
+def tag_weights(history: list[dict], tags: list[str]) -> dict:
+    """--prompt-mix spread: a tag's weight is the share of its groups WITH reward spread over the
+    last SPREAD_WINDOW iterations' {tag: [groups with spread, groups]}, at least SPREAD_FLOOR; 1
+    before it has been drawn. A group whose images all earn the same reward has advantages 0 (Sec.
+    2's group normalisation): once a tag is mastered (or hopeless) its draws teach nothing, and the
+    draws move to the tags that still give a signal - the tag-level form of DAPO's dynamic sampling."""
+    n = {t: [0, 0] for t in tags}
+    for rec in history[-SPREAD_WINDOW:]:
+        for t, (s, m) in rec.items():
+            if t in n:
+                n[t][0] += s; n[t][1] += m
+    return {t: max(s / m, SPREAD_FLOOR) if m else 1.0 for t, (s, m) in n.items()}
 
 
 def rl_reward(task, cfg):
@@ -271,7 +296,7 @@ def grpo_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: di
     # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
     r = rl_reward(task, cfg)(imgs, prompts)
     adv, keep = group_advantages(r, cfg.group, cfg.adv_scale)
-    rec = {"reward": float(r.mean()), "kept": float(keep.mean())}
+    rec = {"reward": float(r.mean()), "kept": float(keep.mean()), "spread": keep[::cfg.group].tolist()}
     idx = np.flatnonzero(keep)
     rng.shuffle(idx)
     # ---- 3. PPO-clip over the steps j (all, or a random train_fraction per minibatch), `minibatches` optimizer steps ----
@@ -334,7 +359,7 @@ def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dic
     with torch.no_grad():
         for o, p in zip(L.old, L.params):
             o.lerp_(p, 1 - d)
-    return {"reward": float(r.mean()), "kept": float(keep.mean())}
+    return {"reward": float(r.mean()), "kept": float(keep.mean()), "spread": keep[::cfg.group].tolist()}
 
 
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
@@ -392,6 +417,11 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         base_diag = E.geneval_diagnostics(policy, cfg.eval_small, g)
         policy.use("teacher")
     kept = []                                                  # GenEval iterations' "kept" since the last evaluation
+    spread = {}                                                # task -> its iterations' {tag: [groups with spread, groups]}
+    for line in (out / "log.jsonl").read_text().splitlines() if start else []:   # a resumed run's, for tag_weights
+        r = json.loads(line) if line.strip() else {}
+        if "spread_tags" in r:
+            spread.setdefault(r["task"], []).append(r["spread_tags"])
     t0 = time.time()
     done = start
     for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
@@ -401,11 +431,22 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         task = R.TASKS[tasks[it % len(tasks)]]
         rng = np.random.default_rng([cfg.seed, it])
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
-        prompts = [p for p in draw_prompts(task, cfg.prompts, cfg.prompt_mix, rng) for _ in range(cfg.group)]
+        rec = {"iter": it, "task": task.name}
+        weights = None
+        if cfg.prompt_mix == "spread" and task.tag is not None:
+            weights = tag_weights(spread.get(task.name, []), [task.tag(g[0]) for g in R.by_tag(task, task.train)])
+            rec["tag_weights"] = {t: round(w, 3) for t, w in weights.items()}
+        prompts = [p for p in draw_prompts(task, cfg.prompts, cfg.prompt_mix, rng, weights) for _ in range(cfg.group)]
         cond = policy.encode(prompts)
         x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
-        rec = {"iter": it, "task": task.name}
         rec |= (nft_step if nft else grpo_step)(learner, cfg, task, prompts, cond, x1, rng, gen, it)
+        has_spread = rec.pop("spread")                         # per group: did its rewards differ?
+        if task.tag is not None:                               # ... counted per tag, for the log and tag_weights
+            rec["spread_tags"] = {}
+            for p, s in zip(prompts[::cfg.group], has_spread):
+                c = rec["spread_tags"].setdefault(task.tag(p), [0, 0])
+                c[0] += int(s); c[1] += 1
+            spread.setdefault(task.name, []).append(rec["spread_tags"])
         if task.name == "geneval":
             kept.append(rec["kept"])
         rec["time_s"] = round(time.time() - t0, 1)

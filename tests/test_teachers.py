@@ -64,6 +64,45 @@ def test_prompt_mix_tags_draws_each_tag_equally():
     assert T.draw_prompts(ocr, 9, "tags", np.random.default_rng(4)) == T.draw_prompts(ocr, 9, "uniform", np.random.default_rng(4))
 
 
+def test_prompt_mix_spread_moves_draws_to_tags_with_a_signal(tiny_base, tmp_path, monkeypatch):
+    """--prompt-mix spread: a tag's weight is its share of groups with reward spread over the last
+    SPREAD_WINDOW iterations (at least SPREAD_FLOOR, 1 before it is drawn); draws follow the weights;
+    a run logs per tag its groups with spread and the weights it drew with, and a resumed run weighs
+    with the iterations it logged before."""
+    from collections import Counter
+    import numpy as np
+    tags = list(R.GENEVAL_TAGS)
+    old = [{"position": [0, 4]}] * 5                              # outside the window: forgotten
+    recent = [{"single": [0, 2], "colors": [1, 2], "position": [2, 2]}] * T.SPREAD_WINDOW
+    w = T.tag_weights(old + recent, tags)
+    assert w == {"single": T.SPREAD_FLOOR, "colors": 0.5, "counting": 1.0, "two_object": 1.0, "position": 1.0}, w
+    task = R.TASKS["geneval"]
+    got = Counter(map(R.geneval_tag, T.draw_prompts(task, 6000, "spread", np.random.default_rng(0), w)))
+    total = sum(w.values())
+    for t in tags:                                                # binomial sd <= ~37 draws
+        assert abs(got[t] - 6000 * w[t] / total) < 150, (t, got[t], 6000 * w[t] / total)
+    run, step, calls = tmp_path / "run", T.nft_step, []
+
+    def dies_in_iteration_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+    cfg = _cfg(tiny_base, run, task="geneval", algo="nft", iters=3, eval_every=1, eval_small=8, prompt_mix="spread")
+    monkeypatch.setattr(T, "nft_step", dies_in_iteration_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    monkeypatch.setattr(T, "nft_step", step)
+    T.train(cfg)                                                  # resumes at iteration 2
+    log = _log(run)
+    assert [r["iter"] for r in log] == [0, 1, 2]
+    for r in log:
+        assert sum(m for _, m in r["spread_tags"].values()) == 2 and all(0 <= s <= m for s, m in r["spread_tags"].values())
+    assert log[0]["tag_weights"] == dict.fromkeys(tags, 1.0)
+    assert min(log[2]["tag_weights"].values()) < 1, log          # the history before the kill counts
+    assert log[2]["tag_weights"] == {t: round(v, 3) for t, v in T.tag_weights([r["spread_tags"] for r in log[:2]], tags).items()}
+
+
 def test_rl_reward_objects_is_the_toys(sd3_dir, tmp_path, capsys):
     msg = _refused(capsys, T.main, ["--task", "geneval", "--base", str(sd3_dir), "--rl-reward", "objects",
                                     "--out", str(tmp_path / "run")])
