@@ -216,8 +216,8 @@ def test_shipped_checkpoints_follow_the_contract(ckpt):
     assert not any(str(REPO) in t or '"/' in t for t in texts), "absolute path in shipped metadata"
     if ckpt != "base":
         assert meta["task"] == Path(ckpt).name and runs.resolve_base(path, meta) == str((REPO / "base").resolve())
-        # at most 30 minutes on 2 cores (--minutes stops at the first iteration past the budget)
-        assert meta["trained"]["minutes"] <= 30.2, f"{ckpt} trained {meta['trained']['minutes']} min"
+        # at most 60 minutes on 2 cores (--minutes stops at the first iteration past the budget)
+        assert meta["trained"]["minutes"] <= 60.2, f"{ckpt} trained {meta['trained']['minutes']} min"
     pol = S.Policy(str(path))
     assert pol.guidance == meta["cfg"]
 
@@ -272,13 +272,13 @@ def test_shipped_teacher_cache_reproduces():
 
 
 def test_shipped_teachers_are_specialists():
-    """Measured on the shipped OCR and aesthetic teachers, primary table (cached n = 256 paired
-    scores): each gains over the base on its own task by more than 2 paired standard errors, and
-    its own task is where it gains most, each gain divided by its column's range over base +
-    teachers. The GenEval teacher does not (-0.127 +- 0.036 on GenEval's Overall; README, "Results")."""
+    """Measured on the shipped teachers, primary table (cached n = 256 paired scores; GenEval 260,
+    52 per tag): each gains over the base on its own task by more than 2 paired standard errors,
+    and its own task is where it gains most, each gain divided by its column's range over base +
+    teachers (GenEval +0.158 +- 0.033 on its Overall; README, "Results")."""
     per = {ck: E.evaluate_checkpoint(str(REPO / ck), 256, E.HELDOUT_N)["train"] for ck in SHIPPED}
     rng = {t: np.ptp([per[ck][t].mean() for ck in SHIPPED]) for t in R.TASKS}
-    for own in ("ocr", "aesthetic"):
+    for own in R.TASKS:
         ck = f"ckpts/{own}"
         gain, se = E.paired(per[ck][own], per["base"][own])
         assert gain > 2 * se, f"{own} teacher - base = {gain:+.3f} +- {se:.3f} (paired SE); need > 2 SE"
