@@ -218,8 +218,8 @@ def draw_prompts(task, k: int, mix: str, rng: np.random.Generator, weights: dict
 def tag_weights(history: list[dict], tags: list[str]) -> dict:
     """--prompt-mix spread: a tag's weight is the share of its groups WITH reward spread over the
     last SPREAD_WINDOW iterations' {tag: [groups with spread, groups]}, at least SPREAD_FLOOR; 1
-    before it has been drawn. A group whose images all earn the same reward has advantages 0 (Sec.
-    2's group normalisation): once a tag is mastered (or hopeless) its draws teach nothing, and the
+    before it has been drawn. A group whose images all earn the same reward has advantages 0
+    (group_advantages): once a tag is mastered (or hopeless) its draws teach nothing, and the
     draws move to the tags that still give a signal - the tag-level form of DAPO's dynamic sampling."""
     n = {t: [0, 0] for t in tags}
     for rec in history[-SPREAD_WINDOW:]:
