@@ -306,9 +306,7 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
             print(f"resuming {out} at round {start}")
     if rank == 0:
         print(json.dumps(conf))
-        kept = [l for l in (out / "log.jsonl").read_text().splitlines() if json.loads(l)["round"] < start] \
-            if (out / "log.jsonl").is_file() else []
-        (out / "log.jsonl").write_text("".join(l + "\n" for l in kept))
+        runs.resume_log(out / "log.jsonl", "round", start)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     probe = rank == 0 and variant.probe is not None and variant.probe_every > 0
     t0 = time.time()

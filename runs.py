@@ -57,6 +57,19 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def resume_log(path: str | Path, key: str, start: int) -> list[dict]:
+    """A run's log.jsonl as its resume sees it: the records of steps (`key`: "iter" / "round") before
+    `start`, the saved state's; the lines of steps past it (a run killed between two saves) are
+    dropped, since those steps run again. Rewritten atomically; returns the records kept."""
+    path = Path(path)
+    lines = [l for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+    kept = [l for l in lines if json.loads(l)[key] < start]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    os.replace(tmp, path)
+    return [json.loads(l) for l in kept]
+
+
 def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None,
                info: dict) -> None:
     """Resume state: tensors and optimizer moments in a safetensors file, the rest in prefix.json.

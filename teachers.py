@@ -298,7 +298,7 @@ def grpo_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: di
     # ---- 2. rewards -> group-normalised advantages (zero-std groups dropped) ----
     r = rl_reward(task, cfg)(imgs, prompts)
     adv, keep = group_advantages(r, cfg.group, cfg.adv_scale)
-    rec = {"reward": float(r.mean()), "kept": float(keep.mean()), "spread": keep[::cfg.group].tolist()}
+    rec = {"reward": float(r.mean()), "spread": keep[::cfg.group].tolist()}
     idx = np.flatnonzero(keep)
     rng.shuffle(idx)
     # ---- 3. PPO-clip over the steps j (all, or a random train_fraction per minibatch), `minibatches` optimizer steps ----
@@ -361,7 +361,7 @@ def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dic
     with torch.no_grad():
         for o, p in zip(L.old, L.params):
             o.lerp_(p, 1 - d)
-    return {"reward": float(r.mean()), "kept": float(keep.mean()), "spread": keep[::cfg.group].tolist()}
+    return {"reward": float(r.mean()), "spread": keep[::cfg.group].tolist()}
 
 
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
@@ -411,6 +411,10 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         print(f"resuming {out} at iteration {start}")
     print(json.dumps(conf | {"rollout_cfg": g, "grid": [round(float(x), 5) for x in grid],
                              "lora_params": sum(p.numel() for p in params)}))
+    spread = {}                                                # task -> its iterations' {tag: [groups with spread, groups]}
+    for r in runs.resume_log(out / "log.jsonl", "iter", start):   # a resumed run's history, for tag_weights
+        if "spread_tags" in r:
+            spread.setdefault(r["task"], []).append(r["spread_tags"])
     log = open(out / "log.jsonl", "a")
     learner = Learner(policy, opt, params, old_params if nft else [], grid, g)
     watch = "geneval" in tasks and runs.settings(cfg.base)["kind"] == "toy"   # GenEval diagnostics (toy)
@@ -419,11 +423,6 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         base_diag = E.geneval_diagnostics(policy, cfg.eval_small, g)
         policy.use("teacher")
     kept = []                                                  # GenEval iterations' "kept" since the last evaluation
-    spread = {}                                                # task -> its iterations' {tag: [groups with spread, groups]}
-    for line in (out / "log.jsonl").read_text().splitlines() if start else []:   # a resumed run's, for tag_weights
-        r = json.loads(line) if line.strip() else {}
-        if "spread_tags" in r:
-            spread.setdefault(r["task"], []).append(r["spread_tags"])
     t0 = time.time()
     done = start
     for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
@@ -443,6 +442,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
         rec |= (nft_step if nft else grpo_step)(learner, cfg, task, prompts, cond, x1, rng, gen, it)
         has_spread = rec.pop("spread")                         # per group: did its rewards differ?
+        rec["kept"] = float(np.mean(has_spread))               # = the share of images in such groups
         if task.tag is not None:                               # ... counted per tag, for the log and tag_weights
             rec["spread_tags"] = {}
             for p, s in zip(prompts[::cfg.group], has_spread):

@@ -67,8 +67,9 @@ def test_prompt_mix_tags_draws_each_tag_equally():
 def test_prompt_mix_spread_moves_draws_to_tags_with_a_signal(tiny_base, tmp_path, monkeypatch):
     """--prompt-mix spread: a tag's weight is its share of groups with reward spread over the last
     SPREAD_WINDOW iterations (at least SPREAD_FLOOR, 1 before it is drawn); draws follow the weights;
-    a run logs per tag its groups with spread and the weights it drew with, and a resumed run weighs
-    with the iterations it logged before."""
+    a run logs per tag its groups with spread and the weights it drew with; a run killed between two
+    saves drops the log lines past its saved state (runs.resume_log), so each iteration is logged once,
+    and weighs with the iterations before it."""
     from collections import Counter
     import numpy as np
     tags = list(R.GENEVAL_TAGS)
@@ -83,21 +84,23 @@ def test_prompt_mix_spread_moves_draws_to_tags_with_a_signal(tiny_base, tmp_path
         assert abs(got[t] - 6000 * w[t] / total) < 150, (t, got[t], 6000 * w[t] / total)
     run, step, calls = tmp_path / "run", T.nft_step, []
 
-    def dies_in_iteration_3(*a, **k):
+    def dies_in_iteration_4(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return step(*a, **k)
-    cfg = _cfg(tiny_base, run, task="geneval", algo="nft", iters=3, eval_every=1, eval_small=8, prompt_mix="spread")
-    monkeypatch.setattr(T, "nft_step", dies_in_iteration_3)
-    with pytest.raises(KeyboardInterrupt):
+    cfg = _cfg(tiny_base, run, task="geneval", algo="nft", iters=4, eval_every=2, eval_small=8, prompt_mix="spread")
+    monkeypatch.setattr(T, "nft_step", dies_in_iteration_4)
+    with pytest.raises(KeyboardInterrupt):                        # state saved after 2 iterations, a 3rd logged
         T.train(cfg)
+    assert [r["iter"] for r in _log(run)] == [0, 1, 2]
     monkeypatch.setattr(T, "nft_step", step)
-    T.train(cfg)                                                  # resumes at iteration 2
+    T.train(cfg)                                                  # resumes at iteration 2: runs 2 and 3 again
     log = _log(run)
-    assert [r["iter"] for r in log] == [0, 1, 2]
+    assert [r["iter"] for r in log] == [0, 1, 2, 3], "a resumed run's log holds each iteration once"
     for r in log:
         assert sum(m for _, m in r["spread_tags"].values()) == 2 and all(0 <= s <= m for s, m in r["spread_tags"].values())
+        assert r["kept"] == sum(s for s, _ in r["spread_tags"].values()) / 2
     assert log[0]["tag_weights"] == dict.fromkeys(tags, 1.0)
     assert min(log[2]["tag_weights"].values()) < 1, log          # the history before the kill counts
     assert log[2]["tag_weights"] == {t: round(v, 3) for t, v in T.tag_weights([r["spread_tags"] for r in log[:2]], tags).items()}
