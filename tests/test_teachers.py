@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 import rewards as R
 import runs
@@ -136,6 +137,24 @@ def test_init_same_base_continues_a_teacher(tiny_base, tmp_path):
     assert meta["task"] == "ocr" and "tasks" not in meta and meta["trained"]["config"]["init"]["path"] == str(ck)
     got2 = T.train(_cfg(tiny_base, tmp_path / "run2", task="geneval", iters=1, init=str(ck)))
     assert runs.read_meta(got2)["task"] == "cascade" and runs.read_meta(got2)["tasks"] == ["ocr", "geneval"]
+
+
+def test_sample_cfg_changes_how_a_teacher_is_sampled_not_how_it_trains(tiny_base, tmp_path):
+    """--sample-cfg 3 on a CFG-free NFT run: the same LoRA weights as without it (evaluations draw
+    from their own generators), evaluated and recorded (opd.json cfg, hence Stage 2's queries) at
+    CFG 3; the rollouts and their rewards are the same."""
+    from safetensors.torch import load_file
+    cks = []
+    for name, over in (("free", {}), ("cfg3", {"sample_cfg": 3.0})):
+        cks.append(T.train(_cfg(tiny_base, tmp_path / name, task="geneval", algo="nft", iters=2, eval_every=1,
+                                eval_small=5, **over)))
+    w0, w1 = (load_file(str(c / "adapter_model.safetensors")) for c in cks)
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0), "training depended on --sample-cfg"
+    m0, m1 = runs.read_meta(cks[0]), runs.read_meta(cks[1])
+    assert (m0["cfg"], m1["cfg"]) == (1.0, 3.0) and m1["trained"]["config"]["rollout_cfg"] == 1.0, (m0, m1)
+    assert m1["trained"]["config"]["sample_cfg"] == 3.0 and "sample_cfg" not in m0["trained"]["config"]
+    assert S.Policy(str(cks[1])).guidance == 3.0
+    assert [l["reward"] for l in _log(tmp_path / "free")] == [l["reward"] for l in _log(tmp_path / "cfg3")]
 
 
 @pytest.mark.parametrize("task", ["nonsense", "geneval,bogus", "ocr,ocr", ""])
