@@ -355,6 +355,19 @@ def test_bf16_runs_and_its_kls_match_fp32(tiny_teachers, tmp_path, monkeypatch):
     assert dtypes == {torch.float32}, dtypes
 
 
+def test_student_lora_defaults_by_scale(tiny_teachers, tmp_path):
+    """--rank 0 / --alpha 0 (the defaults): 96 / 192 on the toy, 32 / 64 (the paper's) at real scale;
+    a given rank keeps alpha at twice it unless given; a run records what it used."""
+    assert D.student_lora(D.DistillConfig(), "toy") == (96, 192)
+    assert D.student_lora(D.DistillConfig(), "sd3") == (32, 64)
+    assert D.student_lora(D.DistillConfig(rank=8), "toy") == (8, 16)
+    assert D.student_lora(D.DistillConfig(rank=8, alpha=4), "sd3") == (8, 4)
+    D.run(_dcfg(tmp_path / "d", tiny_teachers, rounds=1, eval_every=0, eval_n=0, eval_heldout_n=0))
+    conf = json.loads((tmp_path / "d" / "config.json").read_text())
+    lora = json.loads((tmp_path / "d" / "checkpoint" / "adapter_config.json").read_text())
+    assert (conf["rank"], conf["alpha"]) == (lora["r"], lora["lora_alpha"]) == (4, 8), (conf, lora)
+
+
 def test_option_help_lines():
     h = " ".join(runs.config_parser(D.DistillConfig, "x").format_help().split())
     for flag in ("--bf16", "--grad-checkpointing", "--ema EMA", "--ema-every EMA_EVERY"):
