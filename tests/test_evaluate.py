@@ -275,7 +275,7 @@ def test_shipped_teachers_are_specialists():
     """Measured on the shipped teachers, primary table (cached n = 256 paired scores; GenEval 260,
     52 per tag): each gains over the base on its own task by more than 2 paired standard errors,
     and its own task is where it gains most, each gain divided by its column's range over base +
-    teachers (GenEval +0.158 +- 0.033 on its Overall; README, "Results")."""
+    teachers (GenEval +0.177 +- 0.032 on its Overall; README, "Results")."""
     per = {ck: E.evaluate_checkpoint(str(REPO / ck), 256, E.HELDOUT_N)["train"] for ck in SHIPPED}
     rng = {t: np.ptp([per[ck][t].mean() for ck in SHIPPED]) for t in R.TASKS}
     for own in R.TASKS:
