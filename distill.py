@@ -227,6 +227,15 @@ class Variant(NamedTuple):
 OPD = Variant()
 
 
+def small_eval_from_final(cfg: DistillConfig) -> bool:
+    """Whether the last round's small evaluation is the final evaluation's first eval_small images
+    (the protocol's prompts are a prefix of its longer lists: same prompts, noise and weights) rather
+    than the same images sampled twice: when the last round is an evaluation round, the final
+    evaluation covers eval_small images and evaluates the raw weights (no EMA)."""
+    return bool(cfg.eval_every) and (cfg.rounds % cfg.eval_every == 0 or cfg.rounds == 1) \
+        and cfg.eval_n >= cfg.eval_small and cfg.ema == 0
+
+
 def student_lora(cfg: DistillConfig, kind: str) -> tuple[int, int]:
     """The student LoRA's (rank, alpha): --rank / --alpha, where 0 means rank 32 at real scale (the
     paper's) and 96 on the toy - room for its three rank-32 teachers (deviation 2) - and alpha twice
@@ -371,8 +380,10 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
             runs.save_state(out / "state", {"params": params, "ema": ema}, opt,
                             {"round": rnd + 1, "elapsed_s": before + time.time() - t0})
         rec["time_s"] = round(time.time() - t0, 1)
-        # ---- 6. small paired evaluation every N rounds (every process samples its share) ----
-        if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0):
+        # ---- 6. small paired evaluation every N rounds (every process samples its share); the
+        #      last round's is read off the final evaluation instead (small_eval_from_final) ----
+        if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0) \
+                and not (rnd + 1 == cfg.rounds and small_eval_from_final(cfg)):
             for task in tasks:
                 rec[f"eval_{task}"] = float(E.evaluate(policy, task, cfg.eval_small, g_student, table=table).mean())
         if rank == 0:
@@ -432,6 +443,13 @@ def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy
     policy.use("student")
     if rank > 0:
         return res
+    recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    if small_eval_from_final(cfg) and not any(f"eval_{t}" in r for r in recs if r["round"] == cfg.rounds - 1
+                                              for t in by_task):                  # once, also on a rerun
+        small = {f"eval_{t}": float(per["DiffusionOPD student"]["train"][t][:len(E.eval_prompts(t, "train", cfg.eval_small, table))].mean())
+                 for t in by_task}
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps({"round": cfg.rounds - 1, **small, "from": "final evaluation"}) + "\n")
     meta = runs.read_meta(ck)
     meta["scores"] = rows[-1]["scores"] | {"n": cfg.eval_n}
     runs.write_json_atomic(Path(ck) / runs.META, meta)

