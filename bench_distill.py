@@ -6,7 +6,8 @@ The released code runs (1) a no-grad student rollout, (2) teacher means at the s
 the three-pass schedule as the reference (test_opd.py checks that both give the same
 gradient in float64) and times both in one run, so the ratio is measured under the same load.
 
-    python bench_distill.py                  # toy: the shipped base/, ~1 min on 2 cores; ms per round and the ratio
+    python bench_distill.py                  # toy: the shipped base/, ~1 min on 2 cores; ms per round and the ratio,
+                                             # and evaluation sampling with the adapter folded in vs as a branch
     python bench_distill.py --prompts 16 --repeats 5
     python bench_distill.py --size tiny --threads 1   # SD3.5-M's architecture, shrunk, on the CPU: ~1 min
     python bench_distill.py --size full --dtype bf16 --repeats 2 --json runs/bench_full.json   # on a GPU
@@ -50,6 +51,11 @@ Numbers (JSON: printed, and written atomically with --json PATH; then a table):
         teacher each) + the student's own backbone with its LoRA: K + 1 transformers. param_bytes
         counted from the tensors; peak_bytes of one fused round at the smallest batch (CPU: a
         child each); ratios adapters / copies, the peak one above pre_build_bytes
+  --size toy: fused_s, three_pass_s (one task's share of a round, the shipped base, rank-32 LoRAs)
+        and three_pass_over_fused; eval_folded_s / eval_branch_s: evaluation sampling (S.sample,
+        40 steps, one image per prompt) with a rank-96 LoRA - the main job's student - folded into
+        the weights (Policy.merged, what every evaluation does) / kept as a branch, and
+        eval_branch_over_folded
   fit_80gb  (--size full on CUDA only; null otherwise; measured first) the paper's per-GPU batch:
         --fit-batch 3 prompts per task, CFG 4.5, 10 steps, one fused round + an AdamW step on
         the student LoRA (no gradient checkpointing: distill.py's default); peak allocated
@@ -68,6 +74,7 @@ on one of them, every op waits for the descheduled thread (measured: a tiny roun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import re
@@ -509,20 +516,41 @@ def toy(args) -> dict:
                 times[name].append(time.perf_counter() - t0)
             for p in params:
                 p.grad = None
+    # evaluation sampling (S.sample, 40 steps): the main job's rank-96 student folded into the
+    # weights (Policy.merged, the default) vs kept as a branch; interleaved, same load
+    pol.add_adapter("student96", config=LoraConfig(r=96, lora_alpha=192, target_modules=S.LORA_TARGETS))
+    with torch.no_grad():
+        for k, p in pol.adapter_params("student96").items():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    pol.use("student96")
+    folded, branch = pol.merged, contextlib.nullcontext
+    for rep in range(args.repeats + 1):
+        for name in ("eval_folded", "eval_branch"):
+            pol.merged = folded if name == "eval_folded" else branch
+            sync(); t0 = time.perf_counter()
+            S.sample(pol, ps, list(range(prompts)), 40, pol.shift, g)
+            sync()
+            if rep:
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+    pol.merged = folded
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     res = {"size": "toy", "device": str(pol.device), "base": args.base or "base", "prompts": prompts,
            "trained_steps": n_train, "cfg": g, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "fused_s": med["fused"], "three_pass_s": med["three_pass"],
-           "three_pass_over_fused": med["three_pass"] / med["fused"]}
+           "three_pass_over_fused": med["three_pass"] / med["fused"],
+           "eval_folded_s": med["eval_folded"], "eval_branch_s": med["eval_branch"],
+           "eval_branch_over_folded": med["eval_branch"] / med["eval_folded"]}
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         runs.write_json_atomic(args.json, res)
     print(f"one task's share of a round, {prompts} prompts, {n_train} trained steps, CFG {g}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats}:")
-    for k, v in med.items():
-        print(f"  {k.replace('_', '-'):>10}: {v * 1000:8.1f} ms")
+    for k in ("fused", "three_pass"):
+        print(f"  {k.replace('_', '-'):>10}: {med[k] * 1000:8.1f} ms")
     print(f"  three-pass / fused = {res['three_pass_over_fused']:.2f}x")
+    print(f"evaluation sampling of {prompts} images (40 steps) with a rank-96 student: adapter as a branch / "
+          f"folded into the weights = {res['eval_branch_over_folded']:.2f}x")
     return res
 
 

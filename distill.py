@@ -6,7 +6,7 @@ the closed-form per-step KL between the two Gaussian kernels, which share their 
 (sampler.step_kl): Eq. 12 for the default ODE rollouts (a = 0), Eq. 11 for a > 0. The gradient
 flows through the student's one-step mean only (Eq. 15). The derivation: kl_proof.ipynb.
 
-    python distill.py --teachers ckpts/*        # the main job: ~11 min on 2 cores -> runs/distill/
+    python distill.py --teachers ckpts/*        # the main job: ~9 min on 2 cores -> runs/distill/
     python distill.py                           # the same (every folder in ckpts/ is a teacher)
     torchrun --nproc_per_node 2 distill.py      # data parallel: one process per GPU (NCCL), or per CPU process (gloo)
 

@@ -14,7 +14,7 @@ the others. Two algorithms, the ones the paper used, as two step functions under
 
     python teachers.py --task aesthetic --algo grpo-guard --iters 120 --export ckpts/aesthetic     # 8 min
     python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 3000 \
-        --minutes 30 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 30 min
+        --minutes 60 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 60 min
     python teachers.py --task geneval --algo nft --rl-reward objects --adv-scale batch --prompt-mix spread \
         --prompts 8 --iters 2000 --minutes 58 --eval-every 100 --eval-small 64 --eval-n 0 --sample-cfg 3 \
         --export ckpts/geneval                                                                      # 58 min

@@ -72,6 +72,23 @@ def test_every_flag_has_help(script, monkeypatch):
             (script, act.dest, act.help)
 
 
+def test_bench_toy_times_both_schedules_and_folded_sampling(tiny_base, tmp_path, capsys):
+    """`bench_distill.py` (toy size, here on the tiny base): positive times for the fused and the
+    three-pass round and for evaluation sampling with a rank-96 adapter folded in and as a branch,
+    each ratio the one of its times, the JSON written as printed."""
+    out, threads = tmp_path / "toy.json", torch.get_num_threads()
+    try:
+        res = B.main(["--base", str(tiny_base), "--prompts", "2", "--steps", "2", "--repeats", "1", "--threads", "1",
+                      "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == res and "folded into the weights" in capsys.readouterr().out
+    for k in ("fused_s", "three_pass_s", "eval_folded_s", "eval_branch_s"):
+        assert res[k] > 0, (k, res[k])
+    assert res["three_pass_over_fused"] == pytest.approx(res["three_pass_s"] / res["fused_s"])
+    assert res["eval_branch_over_folded"] == pytest.approx(res["eval_branch_s"] / res["eval_folded_s"])
+
+
 # ---- bench_distill.py at SD3.5-M's architecture (tiny on the CPU) and Policy.from_transformer ----
 def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
     """`bench_distill.py --size tiny` on the CPU (SD3.5-M's architecture, 2 layers, random
