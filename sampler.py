@@ -334,7 +334,7 @@ class Policy:
     def merged(self):
         """For no-grad sampling: the active adapter folded into the base weights, W + (alpha / r) B A,
         the same function with one matmul per targeted layer instead of three (on the toy's 128-wide
-        layers a rank-96 LoRA costs more than the layer itself; evaluation sampling ~17% faster).
+        layers a rank-96 LoRA costs more than the layer itself: 64 images 15.3 s -> ~11.6 s).
         The base weights are kept aside and restored bit for bit on exit, not un-merged by a
         subtraction that would leave rounding behind. Not under autocast or in low precision, where
         the merged weight would round the adapter's small delta into the large base weight: there
