@@ -446,8 +446,8 @@ def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     if small_eval_from_final(cfg) and not any(f"eval_{t}" in r for r in recs if r["round"] == cfg.rounds - 1
                                               for t in by_task):                  # once, also on a rerun
-        small = {f"eval_{t}": float(per["DiffusionOPD student"]["train"][t][:len(E.eval_prompts(t, "train", cfg.eval_small, table))].mean())
-                 for t in by_task}
+        first = {t: len(E.eval_prompts(t, "train", cfg.eval_small, table)) for t in by_task}   # a prefix of eval_n's
+        small = {f"eval_{t}": float(per["DiffusionOPD student"]["train"][t][:k].mean()) for t, k in first.items()}
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({"round": cfg.rounds - 1, **small, "from": "final evaluation"}) + "\n")
     meta = runs.read_meta(ck)
