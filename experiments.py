@@ -134,11 +134,16 @@ def study_table1(cfg: ExperimentConfig) -> dict:
     stage1 = max(minutes_of(t) for t in teachers.values())
     stage2 = minutes_of(opd[0])
     budget = 0.05 if cfg.quick else stage1 + stage2
-    common = dict(minutes=budget, task=",".join(R.toy.TASK_NAMES))
+    # every baseline trains GenEval on the shipped GenEval teacher's reward and prompt draw (the
+    # per-object reward, tags drawn by their reward spread); GRPO-Guard takes the OCR teacher's
+    # recipe, NFT the GenEval teacher's (CFG-free, batch-wide advantages, 8 prompts an iteration,
+    # sampled at the base's CFG)
+    common = dict(minutes=budget, task=",".join(R.toy.TASK_NAMES), rl_reward="objects", prompt_mix="spread")
+    nft = dict(algo="nft", lr=1e-3, adv_scale="batch", prompts=8, sample_cfg=runs.settings(base)["cfg"]) | common
     rl = {"joint GRPO-Guard": teacher_run(cfg, "joint-grpo-guard", algo="grpo-guard", lr=3e-4, train_fraction=0.5,
                                           **common),
-          "joint NFT": teacher_run(cfg, "joint-nft", algo="nft", lr=1e-3, **common),
-          "cascade NFT": teacher_run(cfg, "cascade-nft", algo="nft", lr=1e-3, cascade=True, **common)}
+          "joint NFT": teacher_run(cfg, "joint-nft", **nft),
+          "cascade NFT": teacher_run(cfg, "cascade-nft", cascade=True, **nft)}
     rows, per = [], {}
     for name, ck, mins in ([("base", Path(base), 0.0)] + [(f"teacher {t}", p, minutes_of(p)) for t, p in teachers.items()]
                            + [(n, p, minutes_of(p)) for n, p in rl.items()]

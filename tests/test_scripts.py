@@ -195,6 +195,13 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     names = [r["name"] for r in res["table1"]["rows"]]
     assert names[0] == "base" and {"joint GRPO-Guard", "joint NFT", "cascade NFT", "DiffusionOPD (2 seeds)"} <= set(names)
     assert all(0 <= r["average"] <= 1 for r in res["table1"]["rows"]) and len(res["table1"]["seeds"]) == 2
+    # the baselines train GenEval as its shipped teacher does (per-object reward, tags by spread);
+    # the NFT ones are sampled at the base's CFG, as that teacher is
+    meta = {r["name"]: runs.read_meta(r["path"]) for r in res["table1"]["rows"] if "NFT" in r["name"] or "GRPO" in r["name"]}
+    assert all(m["trained"]["config"]["rl_reward"] == "objects" and m["trained"]["config"]["prompt_mix"] == "spread"
+               for m in meta.values()), meta
+    base_cfg = runs.settings(runs.settings(tiny_teachers[0])["base"])["cfg"]
+    assert [meta[n]["cfg"] for n in ("joint NFT", "cascade NFT", "joint GRPO-Guard")] == [base_cfg] * 3, meta
     avg = {r["name"]: r["average"] for r in res["table1"]["rows"]}
     minus = res["table1"]["opd_minus"]                               # OPD's Average minus each row's, +- SE
     assert set(minus) == set(names) - {"DiffusionOPD (2 seeds)"}
@@ -212,11 +219,11 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     assert noise["0.7"]["path"] == res["estimators"]["runs"]["closed"]["path"]
     var = res["estimators"]["variance"]["tasks"]["ocr"]["0.7"]
     assert all(v > 0 for e in A.ESTIMATORS for v in var[e]["trace_cov"]), var
-    runs = sorted(p for p in (tmp_path / "runs").rglob("state.json"))
-    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    states = sorted(p for p in (tmp_path / "runs").rglob("state.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in states}
     monkeypatch.setattr(A, "estimator_gradients", lambda *a, **k: pytest.fail("the gradient spread was recomputed"))
     X.main(args)
-    assert {p: p.stat().st_mtime_ns for p in runs} == stamps, "a re-run trained again"
+    assert {p: p.stat().st_mtime_ns for p in states} == stamps, "a re-run trained again"
     again = json.loads((docs / "table1.json").read_text())
     assert [r["scores"] for r in again["rows"]] == [r["scores"] for r in res["table1"]["rows"]]
     for s in X.STUDIES:                                               # the tables docs/experiments.md shows
