@@ -842,8 +842,14 @@ def test_distill_published_sd3_teachers(sd3_dir, lora_ckpts, tmp_path, capsys):
                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert two.returncode == 0, two.stderr[-3000:]
     sa, sb = _student(tmp_path / "one"), _student(tmp_path / "two")
-    worst = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
-    assert worst < 1e-5, f"2-process student differs from 1-process by {worst:.2e} (tolerance 1e-5)"
+    # Adam's first steps move each weight by ~lr * g / |g|: a gradient entry that is ~0 by
+    # cancellation can take either sign under another float summation order (gloo's all-reduce),
+    # so single entries may differ by up to ~lr. A wrong data split moves most entries by ~lr.
+    # Hence: nearly every entry agrees to 1e-5 and the mean difference is tiny.
+    d = torch.cat([(sa[k] - sb[k]).abs().flatten() for k in sa])
+    off, mean = float((d > 1e-5).float().mean()), float(d.mean())
+    assert off < 1e-3 and mean < 1e-6, \
+        f"2-process student differs from 1-process: {off:.2%} of entries by > 1e-5 (at most 0.1%), mean {mean:.2e} (< 1e-6)"
     err = _refused(capsys, D.main, [*map(str, args[2:]), "--out", str(tmp_path / "nobase")], progress=True)  # no --base, no opd.json
     assert "pass --base" in err, err
     assert not (tmp_path / "nobase").exists()
