@@ -313,8 +313,8 @@ def study_sft(cfg: ExperimentConfig) -> dict:
 
 def render_study(study: str, res: dict) -> str:
     """A study's table in markdown, from its results JSON (docs/experiments.md shows exactly this;
-    table1: minutes, mean +- std over seeds (paired difference to the base), then the held-out
-    table as E.render_table draws it)."""
+    table1: minutes, mean +- std over seeds (paired difference to the base), GenEval's per-tag
+    accuracies, then the held-out table and its tags as evaluate.py draws them)."""
     if study == "table1":                                        # E.render_table plus minutes (and seeds' std)
         cols = [t for t in R.toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
         out = "| Model | minutes | " + " | ".join(R.TASKS[c].metric for c in cols) + " | Average |\n|" + "---|" * (3 + len(cols)) + "\n"
@@ -324,7 +324,10 @@ def render_study(study: str, res: dict) -> str:
                     + " | ".join(f"{row['scores'][c]:.3f}" + (f" ± {sd[c]:.3f}" if c in sd else "")
                                  + (f" ({row['vs_base'][c][0]:+.3f})" if c in row.get("vs_base", {}) else "") for c in cols)
                     + f" | {row['average']:.3f} |\n")
-        out += f"\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n" + E.render_table(res, "heldout")
+        tags = lambda table: ("\n\n" + E.render_tags(res, table)) if E.render_tags(res, table) else ""
+        out = out.rstrip() + tags("scores")
+        out += f"\n\nHeld-out test prompts, n = {res['protocol']['heldout_n']} per task:\n\n" + E.render_table(res, "heldout")
+        out += tags("heldout")
         if res.get("opd_minus"):                                 # the paired bootstrap of the Average difference
             opd = next(r["name"] for r in res["rows"] if r["name"].startswith("DiffusionOPD"))
             out += (f"\n\n{opd}'s Average minus each row's, paired bootstrap SE over images:\n\n"
