@@ -5,7 +5,7 @@ under --out (resumable: re-running the command resumes the unfinished run and re
 finished ones), every number a study reports comes from its results JSON (--docs), and each
 study draws one figure next to it.
 
-    python experiments.py                     # all four studies, resumable (~6 h on 2 cores)
+    python experiments.py                     # all four studies, resumable (~6.5 h on 2 cores)
     python experiments.py --only noise        # one study: table1 | noise | estimators | sft
 
   table1     Table 1's analog: base, the three teachers, joint GRPO-Guard, joint DiffusionNFT,
