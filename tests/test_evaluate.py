@@ -347,6 +347,8 @@ def test_study_tables_in_docs_are_the_shipped_results():
             f"docs/experiments.md's table of {rel} is stale: re-render it"
     for rel in marked:
         assert (REPO / rel).is_file(), f"docs/experiments.md marks a table of a missing {rel}"
+    t1 = marked["docs/studies/table1.json"]                    # GenEval's per-tag accuracies, both tables
+    assert t1.count("per tag (strict accuracy") == 2 and t1.count("| Model | position |") == 2, t1
     for f, key, body in re.findall(r"<!-- table (\S+) (\w+) -->\n(.*?)<!-- end -->", text, re.S):
         assert body.strip() == E.render_table(json.loads((REPO / f).read_text()), key).strip(), \
             f"docs/experiments.md's table {f} {key} is stale: re-render it"
