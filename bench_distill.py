@@ -12,64 +12,21 @@ gradient in float64) and times both in one run, so the ratio is measured under t
     python bench_distill.py --size tiny --threads 1   # SD3.5-M's architecture, shrunk, on the CPU: ~1 min
     python bench_distill.py --size full --dtype bf16 --repeats 2 --json runs/bench_full.json   # on a GPU
 
---size tiny | full (nothing is downloaded): SD3.5-Medium's transformer built from its published
-config (SD35M below; tiny = TINY, the same architecture with 2 layers of width 128) with random
-weights, and random text conditioning of SD3's shape (full: 205 tokens = 77 CLIP + 128 T5, x 4096,
-pooled 2048; tiny: 32 x 64, pooled 64), latents 16 x 64 x 64 (512 px; tiny 16 x 16 x 16). One
-backbone carries K = 3 teacher LoRAs (random, so a teacher differs from the base) and the
-trainable student LoRA (r 32, alpha 64, sampler.LORA_TARGETS). Measured: one task's share of a
-Stage 2 round (Alg. 1) at batch B = prompts per task on one device, CFG 4.5 for student and
-teacher, the scheduler's 10-step grid at shift 3, ODE rollouts (a = 0, loss Eq. 12), 9 of its 10 steps
-trained (sampler.trained_steps: the last, .0089 -> 0, carries 0.05% of the loss weight):
+--size tiny | full (nothing is downloaded): SD3.5-Medium's transformer from its published config
+(SD35M; tiny: TINY, 2 layers of width 128) with random weights and random text conditioning of
+SD3's shape; K = 3 random teacher LoRAs and the trainable student LoRA (r 32) on one backbone.
+Timed: one task's share of a Stage 2 round (Alg. 1) at B prompts per task on one device, CFG 4.5,
+the scheduler's 10-step grid (9 steps trained: sampler.trained_steps), ODE rollouts (Eq. 12):
 
-  fused        distill.distill_task: per step one student forward (grad) + one teacher forward
-               (no grad) + the KL's backward
-  three_pass   three_pass_task below: student rollout (no grad), teacher means, student
-               recomputation (grad) + backward - one student forward per step more
-  floor        the same network work measured alone: ONE step's student velocity with its
-               backward (loss: the velocity's mean) plus ONE teacher velocity (no grad), each timed
-               with its adapter already active, then x (trained steps). Both velocities carry
-               CFG (one batched pass of 2B). Left out: adapter switches (Policy.use), the kernel
-               and KL arithmetic (Eq. 7, 12), noise draws and the Python loop - so fused / floor
-               is the schedule's overhead over pure network time; three_pass / floor ~ 1.25 plus
-               that overhead (5 forward-equivalents per step instead of 4, a backward ~ 2 forwards).
-               At the tiny size all three are dominated by Python and dispatch, not arithmetic.
+  fused        distill.distill_task: per step one student forward (grad), one teacher forward, the KL's backward
+  three_pass   three_pass_task below: rollout (no grad), teacher means, student recomputation (grad) + backward
+  floor        the network work alone: one step's student velocity with its backward plus one teacher
+               velocity, x (trained steps); fused / floor is the schedule's overhead over network time
 
-Numbers (JSON: printed, and written atomically with --json PATH; then a table):
-  batches[i].{fused,three_pass,floor}_s   seconds per round, median of --repeats after a warm-up,
-        the three schedules interleaved in one process (same load); *_over_* their ratios;
-        kl_*: the per-step KL each schedule computed (equal: the same work); oom: true (and
-        nothing else) for a batch that ran out of GPU memory - the run goes on
-  batches[i].peak_bytes    peak memory of ONE fused round with every weight resident:
-        CUDA  torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), this process;
-        CPU   the peak resident set (VmHWM) of a child process that builds the model and runs
-              that one round only, so the peak is that configuration's (see peak_rss: not
-              ru_maxrss, which a spawned child inherits from its parent on Linux)
-  batches[i].baseline_bytes   the same after building the model, before any round;
-        pre_build_bytes: before building (CPU: the imported runtime - torch, diffusers, peft - alone)
-  layouts   the K teachers as adapters on one backbone vs as K full transformers (a merged
-        teacher each) + the student's own backbone with its LoRA: K + 1 transformers. param_bytes
-        counted from the tensors; peak_bytes of one fused round at the smallest batch (CPU: a
-        child each); ratios adapters / copies, the peak one above pre_build_bytes
-  --size toy: fused_s, three_pass_s (one task's share of a round, the shipped base, rank-32 LoRAs)
-        and three_pass_over_fused; eval_folded_s / eval_branch_s: evaluation sampling (S.sample,
-        40 steps, one image per prompt) with a rank-96 LoRA - the main job's student - folded into
-        the weights (Policy.merged, what every evaluation does) / kept as a branch, and
-        eval_branch_over_folded
-  fit_80gb  (--size full on CUDA only; null otherwise; measured first) the paper's per-GPU batch:
-        --fit-batch 3 prompts per task, CFG 4.5, 10 steps, one fused round + an AdamW step on
-        the student LoRA (no gradient checkpointing: distill.py's default); peak allocated
-        and reserved vs 78 GiB (an 80 GB card shows ~79.1 GiB to torch; ~1 GiB goes to the CUDA
-        context and library workspaces, which the allocator does not count). The text encoders
-        and the VAE are NOT resident here (see its "not_counted")
---dtype bf16 is distill.py's --bf16: every weight stays fp32 (backbone and LoRAs; the LoRAs are
-the master weights), the transformer passes run under torch.autocast(bf16) (distill_task's
-bf16=True; three_pass_task and the floor do the same), the means, KL and backward in fp32.
-(A bf16 copy of the frozen backbone would hold 4.5 GB less at full size; not done, as distill.py.)
-fp32: everything fp32, no autocast (and no TF32).
---threads 1 on a shared CPU: with torch's default 2 threads on 2 cores and another process busy
-on one of them, every op waits for the descheduled thread (measured: a tiny round 0.43 s with
-1 thread, 15-22 s with 2). The threads used are in the JSON (torch_threads).
+It prints a JSON (main() defines its fields; --json PATH also writes it) and a table: seconds per
+round, peak memory, K adapters vs K + 1 full copies, and (full size, CUDA) whether the paper's 3
+prompts per task fit an 80 GB GPU. On a shared CPU use --threads 1 (why: docs/experiments.md,
+"Measuring on a shared 2-core CPU"). Measured: docs/real_scale.md, "The benchmark (bench_distill.py)".
 """
 from __future__ import annotations
 
@@ -107,7 +64,7 @@ TINY = dict(SD35M, sample_size=16, num_layers=2, attention_head_dim=32, num_atte
 # size -> (transformer config, text tokens, latent side): SD3 text = 77 CLIP + 128 T5 tokens;
 # the paper's 512 px (sampler.SD3_RES) through the VAE's factor 8
 SIZES = {"tiny": (TINY, 32, 16), "full": (SD35M, 77 + S.T5_TOKENS, S.SD3_RES // 8)}
-LIMIT_80GB = 78 * 2**30                      # usable bytes on an 80 GB GPU (see fit_80gb above)
+LIMIT_80GB = 78 * 2**30                      # usable bytes on an 80 GB GPU (see fit_80gb in main())
 MiB = 2**20
 
 
@@ -255,6 +212,39 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    """--size tiny | full (toy: toy() below). The JSON it prints (and writes atomically with --json PATH):
+
+    batches[i].{fused,three_pass,floor}_s   seconds per round, median of --repeats after a warm-up, the
+        three schedules interleaved in one process (same load); *_over_* their ratios; kl_*: the
+        per-step KL each schedule computed (equal: the same work); oom: true (and nothing else) for a
+        batch that ran out of GPU memory - the run goes on. The floor leaves out adapter switches
+        (Policy.use), the kernel and KL arithmetic (Eq. 7, 12), noise draws and the Python loop;
+        three_pass / floor ~ 1.25 plus that overhead (5 forward-equivalents per step instead of 4, a
+        backward ~ 2 forwards). Both velocities of the floor carry CFG (one batched pass of 2B).
+    batches[i].peak_bytes   peak memory of ONE fused round with every weight resident: CUDA
+        torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), this process; CPU the peak
+        resident set (VmHWM, peak_rss) of a child process that builds the model and runs that one round
+        only, so the peak is that configuration's.
+    batches[i].baseline_bytes   the same after building the model, before any round; pre_build_bytes:
+        before building (CPU: the imported runtime - torch, diffusers, peft - alone).
+    layouts   the K teachers as adapters on one backbone vs as K full transformers (a merged teacher
+        each) + the student's own backbone with its LoRA: K + 1 transformers. param_bytes counted from
+        the tensors; peak_bytes of one fused round at the smallest batch (CPU: a child each); ratios
+        adapters / copies, the peak one above pre_build_bytes.
+    fit_80gb  (--size full on CUDA only, measured first; null otherwise) the paper's per-GPU batch:
+        --fit-batch 3 prompts per task, CFG 4.5, 10 steps, one fused round + an AdamW step on the
+        student LoRA (no gradient checkpointing: distill.py's default); peak allocated and reserved vs
+        78 GiB (an 80 GB card shows ~79.1 GiB to torch; ~1 GiB goes to the CUDA context and library
+        workspaces, which the allocator does not count). The text encoders and the VAE are NOT resident.
+    --size toy (toy()): fused_s, three_pass_s (one task's share of a round, the shipped base, rank-32
+        LoRAs), three_pass_over_fused; eval_folded_s / eval_branch_s: evaluation sampling (S.sample, 40
+        steps, one image per prompt) with a rank-96 LoRA - the main job's student - folded into the
+        weights (Policy.merged, what every evaluation does) / kept as a branch; eval_branch_over_folded.
+
+    --dtype bf16 is distill.py's --bf16: every weight stays fp32 (backbone and LoRAs, the master
+    weights), the transformer passes run under torch.autocast(bf16), the means, KL and backward in
+    fp32 (a bf16 copy of the frozen backbone would hold 4.5 GB less at full size; not done, as
+    distill.py). fp32: everything fp32, no autocast, no TF32. The threads used: torch_threads."""
     ap = parser()
     args = ap.parse_args(argv)
     # ---- 0. flags: each size takes its own; the others are refused (one line, exit 2) ----

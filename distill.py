@@ -5,43 +5,30 @@ every visited state x_j the teacher of that prompt's task gives its transition m
 the closed-form per-step KL between the two Gaussian kernels, which share their covariance
 (sampler.step_kl): Eq. 12 for the default ODE rollouts (a = 0), Eq. 11 for a > 0. The gradient
 flows through the student's one-step mean only (Eq. 15). The derivation: kl_proof.ipynb.
+The loop itself is `run`; ablations.py runs it with other per-task steps.
 
-    python distill.py --teachers ckpts/*        # the main job: ~9 min on 2 cores -> runs/distill/
-    python distill.py                           # the same (every folder in ckpts/ is a teacher)
-    torchrun --nproc_per_node 2 distill.py      # data parallel: one process per GPU (NCCL), or per CPU process (gloo)
+    python distill.py --teachers ckpts/*        # the main job (README, "Quickstart") -> runs/distill/
+    torchrun --nproc_per_node 2 distill.py      # data parallel: one process per GPU (NCCL) or CPU process (gloo)
 
-Outputs in --out: config.json, log.jsonl (glossary in docs/formats.md), grid_<task>.png (base vs
-student), curves.png, results.json + both printed tables, checkpoint/ (the student), and state*
-(resume). Re-running the same command resumes an unfinished run and only prints a finished run's
-tables; other flags on the same --out are refused (--fresh starts over). The paper's ablations
-(PPO / REINFORCE estimators, off-policy SFT, the probe KL) run this same loop: ablations.py.
+Outputs in --out (docs/formats.md, "Run folders"): config.json, log.jsonl, grid_<task>.png,
+curves.png, results.json, checkpoint/ (the student) and state* (resume). Re-running the same
+command resumes an unfinished run; other flags on the same --out are refused (--fresh starts over).
 
-Deliberate deviations from the paper (its Sec. 4 setup and the released code)
-  1. Fused schedule: the student's gradient-carrying mean is taken DURING its rollout (the states
-     do not depend on its graph, and the weights change only at the end of the round), instead of
-     the released rollout -> teachers -> recompute (bench_distill.three_pass_task). Same gradient
-     to float64 precision (tested); one student forward per step saved.
-  2. Toy sizes: 8 prompts per task per round (paper: 24), lr 2e-3 (3e-4), and a student LoRA of
-     rank 96 / alpha 192 - the three teachers' 32 each (paper: 32 / 64, the default at real scale).
-     Measured on 64 images a task (docs/experiments.md): at rank 32 the student closed 22% of the
-     GenEval teacher's gain in 50 rounds, at 96 78%, with 8 prompts as with 16 (~1.6x the time);
-     the main job's 256-image table: 17% (100 rounds of 4 prompts: 63%, at OCR's expense).
-     fp32 and no EMA by default. The released real-scale options are flags: --bf16 (autocast of
-     the transformer passes; KL, loss and LoRA weights stay fp32), --grad-checkpointing, --ema
-     0.9 --ema-every 8 (after every 8th optimizer step ema = 0.9 ema + 0.1 w, from the initial
-     no-op LoRA; the checkpoint and final evaluation use the EMA). Round-robin task order, one
-     optimizer step per round, grad clip 1.0, AdamW betas (0.9, 0.999), wd 1e-4, as the paper.
-  3. Aggregation: per step the KL is a MEAN over dimensions; steps and tasks are averaged (Eq. 4
-     sums over steps: a constant factor), as the released code. Trained steps: every step at toy
-     scale, whose grid ends 0.1 -> 0 (10% of the weight); at real scale the scheduler's grid ends
-     .0089 -> 0 (0.05%), which sampler.trained_steps leaves out: the released 9 of 10.
-  4. Data parallel by hand: the student's LoRA gradients are all-reduced after the round's
-     backward passes (DDP's wrapper cannot follow one backbone switching adapters in a step).
-  5. Task balance (--balance, default; --no-balance is the paper's plain task average): each
-     task's KL is divided by its own detached value of this round, so the round's gradient is
-     mean_m grad log KL_m - every teacher moves the student by the same RELATIVE amount however
-     far it sits from the base (the shipped toy teachers' KLs differ ~20x). Both students are in
-     the README's first table.
+Deliberate deviations from the paper (Sec. 4 and the released code; measured effects in
+docs/experiments.md, "The GenEval teacher at the student's CFG, and the student's rank")
+  1. Fused schedule: the student's gradient-carrying mean is taken DURING its rollout (its states
+     do not depend on the graph), not recomputed after the teachers: the same gradient, tested.
+  2. Toy sizes: 8 prompts per task per round (paper: 24), lr 2e-3 (3e-4), a student LoRA of rank
+     96 on the toy - room for three rank-32 teachers (paper and real scale: 32 / 64); fp32, no EMA
+     by default (--bf16, --grad-checkpointing, --ema 0.9 --ema-every 8: the released options).
+  3. Per step the KL is a MEAN over dimensions, steps and tasks averaged (Eq. 4 sums over steps:
+     a constant factor); at real scale the last grid step (.0089 -> 0) is not trained (trained_steps).
+  4. Data parallel by hand: the student's gradients are all-reduced after the round's backward
+     passes (DDP's wrapper cannot follow one backbone switching adapters within a step).
+  5. Task balance (--balance, default; --no-balance is the paper's plain average): each task's KL
+     is divided by its own detached value, so the round's gradient is mean_m grad log KL_m and
+     every teacher moves the student by the same relative amount however far it sits from the
+     base (docs/experiments.md, "Task balance: balanced (the default) vs the plain average").
 """
 from __future__ import annotations
 
@@ -77,6 +64,7 @@ class DistillConfig:
     prompt_dir: str = arg("", 'SD3 bases: the prompt folder (README, "Real scale"); empty: the example set prompts/')
     out: str = arg("runs/distill", "run folder: created with its config; re-running the same command resumes it")
     rounds: int = arg(50, "optimizer steps; each round visits every task once", ">= 1")
+    minutes: float = arg(0.0, "also stop after this many minutes of training (probes and evaluations not counted; 0: no limit)", ">= 0")
     prompts: int = arg(8, "prompts per task per round (global, split over processes; paper: 24)", ">= 1")
     steps: int = arg(10, "rollout grid steps (paper: 10)", ">= 1")
     noise_level: float = arg(0.0, "a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11", ">= 0")
@@ -106,6 +94,12 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
     CheckpointError."""
     if not entries:
         raise runs.CheckpointError("no teachers given; pass --teachers ckpts/* (one folder per task) or TASK=PATH ...")
+    # --base names a base (model folder or hub id); an adapter folder there is refused by name first
+    role = runs.read_meta(base_flag).get("role") if base_flag and Path(base_flag).is_dir() else None
+    if role in ("teacher", "student") or base_flag and any((Path(base_flag) / f).exists() for f in runs.ADAPTER_FILES):
+        role = role if role in ("teacher", "student") else "LoRA adapter"
+        raise runs.CheckpointError(f"--base {base_flag}: a {role} checkpoint, not a base; leave --base out (a teacher "
+                                   f"folder's {runs.META} names its base) or pass the base of the TASK=PATH teachers")
     by_task, bases, cfgs = {}, {}, {}
     for e in entries:
         named = "=" in e and not Path(e).exists()
@@ -113,12 +107,16 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
         if not Path(p).is_dir():
             raise runs.CheckpointError(f"{p}: not a folder; each --teachers entry must be a teacher folder or TASK=PATH")
         meta = runs.read_meta(p)
+        if not named and not meta and any((Path(p) / f).exists() for f in runs.ADAPTER_FILES):
+            raise runs.CheckpointError(f"{p}: {runs.META} is missing (a teacher's names its task and base); restore or "
+                                       "re-export it, or pass TASK=PATH --base BASE for a published LoRA folder")
         if not named and meta.get("role") != "teacher":
             raise runs.CheckpointError(f"{p}: not a teacher checkpoint ({runs.META} role is {meta.get('role')!r}); "
                                     "pass folders written by teachers.py, or TASK=PATH for a published LoRA folder")
         if named and not (Path(p) / "adapter_config.json").is_file():
             raise runs.CheckpointError(f"{p}: not a LoRA adapter folder (no adapter_config.json); pass the folder that "
                                     "holds adapter_config.json and adapter_model.safetensors")
+        runs.check_adapter(p)                                   # each file there and readable, named when not
         if named and meta.get("task") not in (None, task):
             raise runs.CheckpointError(f"{p}: given as {task}= but its {runs.META} says task {meta['task']!r}")
         task = task or meta.get("task")
@@ -222,6 +220,8 @@ class Variant(NamedTuple):
     loss: str = ""                       # the config's description of the loss ("": Eq. 12 or Eq. 11 by a)
     probe: Callable | None = None        # probe(policy, tasks, chain, table) -> dict, logged every probe_every rounds
     probe_every: int = 0
+    setup: Callable | None = None        # setup(policy, tasks, by_task, cfg) -> (task_step, {name: tensors}, optimizer
+                                         # or None): a variant's own models (DMD's fake scores), resumed with the student
 
 
 OPD = Variant()
@@ -248,12 +248,89 @@ def student_lora(cfg: DistillConfig, kind: str) -> tuple[int, int]:
 # Algorithm 1
 # ------------------------------------------------------------------------------------
 def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
-    from tqdm import tqdm
+    """Algorithm 1 (Sec. 4 and the paper's Stage 2): every round visits each task once - the
+    student rolls out on that task's prompts, the task's teacher gives its means at the visited
+    states, the closed-form per-step KL is backpropagated - and ends with ONE optimizer step on
+    the task-averaged gradient. Setup, resume, the end of a round and the final report are the
+    plainly named helpers below. Returns the results (evaluate.results, with the paired gains)."""
+    r = start(cfg, variant)                      # processes, teachers, the student, resume (or a finished run)
+    if isinstance(r, dict):
+        return r
+    policy, ch, params = r.policy, r.ch, r.params
+    for rnd in rounds(r):                        # --rounds, or fewer if --minutes is spent first
+        rng = np.random.default_rng([cfg.seed, rnd])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd)
+        grad = [torch.zeros_like(p) for p in params]                  # the round's task-averaged gradient
+        rec = {"round": rnd} | probe(r, rnd)
+        for task in r.tasks:                                          # round-robin over the tasks
+            r.opt.zero_grad(set_to_none=True)
+            # ---- 1. prompts of THIS task only (routing by dataset, never mixed), initial noise x_0 ~ N(0, I)
+            ps = [r.table[task].train[k] for k in rng.integers(len(r.table[task].train), size=cfg.prompts)]
+            x = torch.randn((cfg.prompts, *r.shape), generator=gen)[ch.local].to(policy.device, policy.dtype)
+            cond = policy.encode(ps[ch.local])                        # (global draw, this process's slice)
+            # ---- 2-4. the student's rollout, teacher m's means at its states, the per-step KL (Eq. 11 / 12)
+            #      and its backward through mu_S (Eq. 15): distill_task (ablations.py passes other steps)
+            kl = r.task_step(policy, task, cond, x, torch.Generator().manual_seed(int(rng.integers(2**31))), ch)
+            rec[f"{variant.log_key}_{task}"] = kl = runs.process_mean(kl, r.device)
+            # ---- 5. the task average; --balance divides task m's KL by its detached value (deviation 5)
+            w = 1.0 / (len(r.tasks) * (max(kl, 1e-12) if cfg.balance and variant.balance else 1.0))
+            for g, p in zip(grad, params):
+                g.add_(p.grad, alpha=w)
+        # ---- 6. one optimizer step on the task-averaged loss, its gradient clipped to norm 1.0
+        for g, p in zip(grad, params):
+            p.grad = g
+        runs.process_mean_grads(params)                               # data parallel (deviation 4)
+        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        stop_if_diverged(r, rnd, rec)
+        r.opt.step()
+        end_round(r, rnd, rec)                   # EMA, resume state, small evaluation, log line
+    return finish(r)                             # the student checkpoint, final evaluation, tables, figures
+
+
+@dataclasses.dataclass
+class Run:
+    """What Algorithm 1's loop works with (built by start): the run folder and its resolved config,
+    the one backbone with the teachers' and the student's adapters, the chain, the optimizer, and
+    the round a resume starts at."""
+    cfg: DistillConfig
+    variant: Variant
+    out: Path
+    conf: dict
+    base: str
+    by_task: dict                  # {task: teacher folder}
+    tasks: list                    # round-robin order
+    table: dict                    # {task: rewards.Task}: prompts and reward of the toy or the prompt files
+    ch: Chain
+    policy: S.Policy
+    params: list                   # the student's LoRA weights (trained)
+    opt: torch.optim.Optimizer
+    ema: list                      # the EMA copy of params (--ema > 0), else []
+    task_step: Callable            # distill_task, or an ablation's
+    extra: dict                    # models of the variant's own (DMD's fake scores): {name: tensors}
+    extra_opt: torch.optim.Optimizer | None
+    shape: tuple
+    start: int                     # the first round this process runs (> 0 after a resume)
+    before: float                  # seconds trained before that resume
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    log: object = None             # rank 0: log.jsonl, opened for appending
+    t0: float = 0.0                # when this process's first round began
+    done: int = 0                  # rounds reached (rounds())
+    train_s: float = 0.0           # seconds of training (resumes counted; probes and evaluations not): --minutes
+    round_t0: float = 0.0          # when the current round began, and the seconds its probe took
+    probe_s: float = 0.0
+
+
+def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
+    """Everything before the first round: the processes, the teachers (load_teachers), the resolved
+    config and the run folder (runs.open_run refuses a different config on the same --out), the
+    backbone with every teacher's adapter and a fresh student LoRA, its optimizer, and the saved
+    state of an unfinished run. A finished run: its results, printed, instead of a Run."""
     if not 0.0 <= cfg.ema < 1.0:                                 # the parser checks >= 0 only
         raise runs.CheckpointError(f"--ema {cfg.ema}: the EMA decay must be in [0, 1) (0: off; the paper's 0.9)")
     if cfg.ema_every < 1:
         raise runs.CheckpointError(f"--ema-every {cfg.ema_every}: must be >= 1 (the paper's 8)")
-    # ---- 0. processes, teachers, student, resume ----
     lay = runs.layout(os.environ, torch.cuda.is_available())
     world, rank, device = lay["world"], lay["rank"], lay["device"]
     if device.type == "cuda":
@@ -286,12 +363,8 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
     if table is not R.TASKS:                                     # real scale: the prompt files' hashes
         conf["prompt_files"] = {t: table[t].source for t in tasks}
     existed = runs.open_run(out, conf, cfg.fresh, "distill") if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()
-    finished = torch.tensor(float(rank == 0 and bool(existed) and (out / "results.json").is_file()), device=device)
-    if world > 1:
-        torch.distributed.all_reduce(finished)                   # every process learns rank 0's answer
-    if finished:
+    runs.barrier()
+    if runs.from_rank0(rank == 0 and bool(existed) and (out / "results.json").is_file(), device):
         res = json.loads((out / "results.json").read_text()) if rank == 0 else {}
         if rank == 0:
             print(f"{out} is finished, with this config (--fresh starts over):\n" + E.render_results(res))
@@ -319,100 +392,114 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
         policy.transformer.enable_gradient_checkpointing()       # LoRA weights inside get their gradients
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     ema = [p.detach().clone() for p in params] if cfg.ema > 0 else []   # from the initial LoRA, as Flow-GRPO
-    shape = policy.latent_shape()
-    start, before = 0, 0.0                                       # before: seconds spent before a resume
+    task_step, extra, extra_opt = variant.setup(policy, tasks, by_task, cfg) if variant.setup \
+        else (variant.task_step, {}, None)                       # a variant's own models (DMD's fake scores)
+    r = Run(cfg, variant, out, conf, base, by_task, tasks, table, ch, policy, params, opt, ema, task_step, extra,
+            extra_opt, policy.latent_shape(), 0, 0.0, rank, world, device)
     if (out / "state.json").is_file():
-        info = runs.load_state(out / "state", {"params": params, "ema": ema}, opt)
-        start, before = info["round"], info.get("elapsed_s", 0.0)
+        info = runs.load_state(out / "state", state_tensors(r), r.opt if extra_opt is None else [r.opt, extra_opt])
+        r.start, r.before, r.train_s = info["round"], info.get("elapsed_s", 0.0), info.get("train_s", 0.0)
         if rank == 0:
-            print(f"resuming {out} at round {start}")
+            print(f"resuming {out} at round {r.start}")
     if rank == 0:
         print(json.dumps(conf))
-        runs.resume_log(out / "log.jsonl", "round", start)
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
-    probe = rank == 0 and variant.probe is not None and variant.probe_every > 0
-    t0 = time.time()
-    # ---- Alg. 1: repeat, one optimizer step per round ----
-    for rnd in tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc="distill", disable=rank > 0):
-        rng = np.random.default_rng([cfg.seed, rnd])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rnd)
-        acc = [torch.zeros_like(p) for p in params]                # the round's task-averaged gradient
-        rec = {"round": rnd}
-        if probe and rnd % variant.probe_every == 0:               # the student after rnd steps
-            rec |= variant.probe(policy, tasks, ch, table)
-        for task in tasks:                                         # round-robin over the tasks
-            opt.zero_grad(set_to_none=True)
-            # ---- 1. prompts of THIS task only (routing by dataset, never mixed) ----
-            ps = [table[task].train[k] for k in rng.integers(len(table[task].train), size=cfg.prompts)]
-            x = torch.randn((cfg.prompts, *shape), generator=gen)[ch.local].to(policy.device, policy.dtype)  # global draw, local slice
-            cond = policy.encode(ps[ch.local])
-            # ---- 2-4. the student's rollout, teacher m's means at its states, the per-step KL
-            #      (Eq. 11 / 12) and its backward through mu_S (Eq. 15): distill_task ----
-            loss = variant.task_step(policy, task, cond, x, torch.Generator().manual_seed(int(rng.integers(2**31))), ch)
-            loss = torch.tensor(loss, dtype=torch.float64, device=device)
-            if world > 1:                                          # the global batch's value
-                torch.distributed.all_reduce(loss)
-                loss /= world
-            rec[f"{variant.log_key}_{task}"] = float(loss)
-            # ---- task average; with --balance each task's KL is divided by its own detached
-            #      value, so its gradient is grad log KL_m (deviation 5) ----
-            w = 1.0 / (len(tasks) * (max(float(loss), 1e-12) if cfg.balance and variant.balance else 1.0))
-            for a_, p in zip(acc, params):
-                a_.add_(p.grad, alpha=w)
-        for a_, p in zip(acc, params):
-            p.grad = a_
-        # ---- 5. one optimizer step per round on the task-averaged loss ----
-        if world > 1:
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-        rec["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        if not all(math.isfinite(v) for k, v in rec.items() if k.startswith(variant.log_key + "_")) \
-                or not math.isfinite(rec["grad_norm"]):
-            raise runs.CheckpointError(f"{out}: loss is NaN/inf at round {rnd} ({rec}); lower --lr. "
-                                       "The last good state is kept; nothing was overwritten")
-        opt.step()
-        if ema and (rnd + 1) % cfg.ema_every == 0:                # after every ema_every-th optimizer step
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.mul_(cfg.ema).add_(p, alpha=1.0 - cfg.ema)  # ema = d ema + (1 - d) w
-        if rank == 0:
-            runs.save_state(out / "state", {"params": params, "ema": ema}, opt,
-                            {"round": rnd + 1, "elapsed_s": before + time.time() - t0})
-        rec["time_s"] = round(time.time() - t0, 1)
-        # ---- 6. small paired evaluation every N rounds (every process samples its share); the
-        #      last round's is read off the final evaluation instead (small_eval_from_final) ----
-        if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0) \
-                and not (rnd + 1 == cfg.rounds and small_eval_from_final(cfg)):
-            for task in tasks:
-                rec[f"eval_{task}"] = float(E.evaluate(policy, task, cfg.eval_small, g_student, table=table).mean())
-        if rank == 0:
-            log.write(json.dumps(rec) + "\n"); log.flush()
-    if probe:                                                    # the final student (raw weights)
-        log.write(json.dumps({"round": cfg.rounds, **variant.probe(policy, tasks, ch, table),
-                              "time_s": round(time.time() - t0, 1)}) + "\n"); log.flush()
-    # ---- 7. the student checkpoint, final evaluation (every process its share), table, figures ----
-    minutes = round((before + time.time() - t0) / 60, 2)
-    if ema:                                                      # the EMA is the student: saved and evaluated
-        with torch.no_grad():                                    # (the small evals above used the raw weights)
-            for e, p in zip(ema, params):
+        runs.resume_log(out / "log.jsonl", "round", r.start)
+        r.log = open(out / "log.jsonl", "a")
+    r.t0 = time.time()
+    return r
+
+
+def state_tensors(r: Run) -> dict:
+    """The tensors a resume restores: the student's weights, its EMA, a variant's own models."""
+    return {"params": r.params, "ema": r.ema} | r.extra
+
+
+def rounds(r: Run):
+    """The rounds this process runs, with a progress bar: from the resume's round to --rounds, or
+    until --minutes of training are spent (resumes counted; the probes and small evaluations are
+    not, so objectives of different cost per round get the same training time); r.done counts
+    the rounds reached."""
+    from tqdm import tqdm
+    r.done = r.start
+    for rnd in tqdm(range(r.start, r.cfg.rounds), initial=r.start, total=r.cfg.rounds, desc="distill",
+                    disable=r.rank > 0):
+        if r.cfg.minutes and runs.from_rank0(r.train_s >= 60 * r.cfg.minutes, r.device):
+            break                                                # the time budget is spent
+        r.round_t0, r.probe_s = time.time(), 0.0
+        yield rnd
+        r.done = rnd + 1
+
+
+def probe(r: Run, rnd: int) -> dict:
+    """A variant's probe (ablations.probe_kl: Eq. 12 on fixed probe rollouts), every probe_every
+    rounds from round 0, on rank 0; {} otherwise."""
+    if r.rank == 0 and r.variant.probe is not None and r.variant.probe_every > 0 and rnd % r.variant.probe_every == 0:
+        t = time.time()
+        rec = r.variant.probe(r.policy, r.tasks, r.ch, r.table)
+        r.probe_s = time.time() - t                              # not training time (rounds)
+        return rec
+    return {}
+
+
+def stop_if_diverged(r: Run, rnd: int, rec: dict) -> None:
+    """Before the optimizer step: a NaN / inf loss or gradient stops the run, the last good state kept."""
+    if not all(math.isfinite(v) for k, v in rec.items() if k.startswith(r.variant.log_key + "_")) \
+            or not math.isfinite(rec["grad_norm"]):
+        raise runs.CheckpointError(f"{r.out}: loss is NaN/inf at round {rnd} ({rec}); lower --lr. "
+                                   "The last good state is kept; nothing was overwritten")
+
+
+def end_round(r: Run, rnd: int, rec: dict) -> None:
+    """After the optimizer step: the EMA (every --ema-every steps: ema = d ema + (1 - d) w), the
+    resume state, the small paired evaluation every --eval-every rounds (every process samples its
+    share; the last round's is read off the final evaluation: small_eval_from_final), the log line."""
+    cfg = r.cfg
+    if r.ema and (rnd + 1) % cfg.ema_every == 0:
+        with torch.no_grad():
+            for e, p in zip(r.ema, r.params):
+                e.mul_(cfg.ema).add_(p, alpha=1.0 - cfg.ema)
+    r.train_s += time.time() - r.round_t0 - r.probe_s
+    if r.rank == 0:
+        runs.save_state(r.out / "state", state_tensors(r), r.opt if r.extra_opt is None else [r.opt, r.extra_opt],
+                        {"round": rnd + 1, "elapsed_s": r.before + time.time() - r.t0, "train_s": r.train_s})
+    rec["time_s"] = round(time.time() - r.t0, 1)
+    if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0) \
+            and not (rnd + 1 == cfg.rounds and small_eval_from_final(cfg)):
+        for task in r.tasks:
+            rec[f"eval_{task}"] = float(E.evaluate(r.policy, task, cfg.eval_small, r.ch.g_student, table=r.table).mean())
+    if r.rank == 0:
+        r.log.write(json.dumps(rec) + "\n"); r.log.flush()
+
+
+def finish(r: Run) -> dict:
+    """After the last round: the probe of the final student, the student checkpoint (the EMA with
+    --ema; opd.json records the teachers by weights, the config and the minutes), then report."""
+    cfg, policy = r.cfg, r.policy
+    if r.rank == 0 and r.variant.probe is not None and r.variant.probe_every > 0:   # the final raw weights
+        r.log.write(json.dumps({"round": r.done, **r.variant.probe(policy, r.tasks, r.ch, r.table),
+                                "time_s": round(time.time() - r.t0, 1)}) + "\n"); r.log.flush()
+    minutes = round((r.before + time.time() - r.t0) / 60, 2)
+    if r.ema:                                                    # the EMA is the student: saved and evaluated
+        with torch.no_grad():                                    # (the small evals used the raw weights)
+            for e, p in zip(r.ema, r.params):
                 p.copy_(e)
-    meta = {"role": "student", "task": None, "cfg": g_student,
-            "teachers": {t: {"path": os.path.relpath(Path(p).resolve(), (out / "checkpoint").resolve()),
-                             "hash": E.weights_hash(p)} for t, p in by_task.items()},
-            "trained": {"algorithm": f"{variant.algorithm} ({conf['loss']})", "minutes": minutes,
-                        "config": {k: v for k, v in conf.items() if k not in ("out", "base", "teachers")}}}
-    if rank == 0:
-        policy.save_adapter("student", out / "checkpoint", meta)
-    if world > 1:
-        torch.distributed.barrier()                              # the checkpoint exists for every process
-    res = report(cfg, out, base, by_task, ch, policy, table, rank)
-    if world > 1:
-        torch.distributed.barrier()
+    meta = {"role": "student", "task": None, "cfg": r.ch.g_student,
+            "teachers": {t: {"path": os.path.relpath(Path(p).resolve(), (r.out / "checkpoint").resolve()),
+                             "hash": E.weights_hash(p)} for t, p in r.by_task.items()},
+            "trained": {"algorithm": f"{r.variant.algorithm} ({r.conf['loss']})", "minutes": minutes,
+                        "config": {k: v for k, v in r.conf.items() if k not in ("out", "base", "teachers")}}}
+    if r.done < cfg.rounds:                                      # stopped by --minutes
+        meta["trained"]["rounds"] = r.done
+    if r.rank == 0:
+        runs.save_adapter(policy, "student", r.out / "checkpoint", meta)
+    runs.barrier()                                               # the checkpoint exists for every process
+    res = report(cfg, r.out, r.base, r.by_task, r.ch, policy, r.table, r.rank, r.done)
+    runs.barrier()
     return res
 
 
-def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy, table: dict, rank: int = 0) -> dict:
+def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy, table: dict, rank: int = 0,
+           done: int | None = None) -> dict:
     """Final evaluation on both tables, every row on the one loaded backbone: the base with the
     adapters off, each teacher's adapter at its own CFG, the student's (per-image scores from
     each checkpoint's cache where they match; every process samples its share of the misses).
@@ -444,8 +531,8 @@ def report(cfg, out: Path, base: str, by_task: dict, ch: Chain, policy: S.Policy
     if rank > 0:
         return res
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    if small_eval_from_final(cfg) and not any(f"eval_{t}" in r for r in recs if r["round"] == cfg.rounds - 1
-                                              for t in by_task):                  # once, also on a rerun
+    if small_eval_from_final(cfg) and done in (None, cfg.rounds) \
+            and not any(f"eval_{t}" in r for r in recs if r["round"] == cfg.rounds - 1 for t in by_task):   # once
         first = {t: len(E.eval_prompts(t, "train", cfg.eval_small, table)) for t in by_task}   # a prefix of eval_n's
         small = {f"eval_{t}": float(per["DiffusionOPD student"]["train"][t][:k].mean()) for t, k in first.items()}
         with open(out / "log.jsonl", "a") as f:

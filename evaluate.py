@@ -278,9 +278,10 @@ def _cache_files(path: Path) -> tuple[Path, Path]:
 
 def _load_json(f: Path) -> dict:
     try:
-        return json.loads(f.read_text()) if f.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}                                              # a damaged cache is only a cache
+        cache = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}
+    return cache if isinstance(cache, dict) else {}            # a damaged cache is only a cache: recomputed
 
 
 def evaluate_checkpoint(path: str, n: int = 256, heldout_n: int = HELDOUT_N, tasks=toy.TASK_NAMES,

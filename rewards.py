@@ -1,53 +1,35 @@
 """rewards.py - the task table and the three toy rewards (the paper's Sec. 4 / Table 1 columns, Sec. 9).
 
 DiffusionOPD trains one teacher per reward and reports one metric per task: GenEval
-(compositional correctness), OCR accuracy, and human-preference scores such as the
-LAION aesthetic predictor. This file holds their toy-scale stand-ins and the table
-that ties each task to its prompts (toy.py) and its scorer. The real-scale rewards of Sec. 9
-(Mask2Former GenEval, PP-OCR at 512 px, PickScore) are in real_rewards.py, the evaluation
-protocol in evaluate.py:
+(compositional correctness), OCR accuracy, and a human-preference score (the LAION aesthetic
+predictor). This file holds their toy-scale stand-ins and the table that ties each task to its
+prompts (toy.py) and its scorer; the real-scale rewards of Sec. 9 (Mask2Former GenEval, PP-OCR at
+512 px, PickScore) are in real_rewards.py, the evaluation protocol in evaluate.py:
 
     TASKS[name] = Task(name, train, test, reward, metric, scale)
     reward(images_NHWC_uint8, prompts, strict=True) -> float numpy (N,)
 
-  * geneval  - a programmatic detector (hue segmentation, connected components, shape
-               by pixel moments, box centres) applying GenEval's per-prompt rules to the
-               top-k detections of each class: presence, exact counts, colours, relative
-               position (geneval_checks). strict=True is GenEval's all-or-nothing 0/1
-               (evaluation); strict=False is the fraction of satisfied rules (RL's denser signal);
-               geneval_rl_reward pays half strict, half per-object credit, which a picture with
-               both objects in one colour cannot game (teachers.py --rl-reward objects), and
-               geneval_diagnostics reports per-tag accuracy and per-colour found-rates.
-  * ocr      - PaddleOCR's PP-OCR recognizer (rapidocr-onnxruntime, offline) with the
-               paper's score: 1 if the target is a substring of what is read, else
-               1 - min(Levenshtein, len(target)) / len(target)                  (Sec. 9)
-  * aesthetic- a deterministic 0-10 score standing in for the LAION predictor (see
-               aesthetic_reward's docstring for the formula and its anchors).
+  * geneval  - a programmatic detector (hue segmentation, connected components, shape by pixel
+               moments) applying GenEval's per-prompt rules to the top-k detections of each class
+               (geneval_checks). strict=True: GenEval's 0/1 (evaluation); strict=False: the
+               fraction of rules met; geneval_rl_reward: half strict, half per-object credit (RL);
+               geneval_diagnostics: per-tag accuracy and per-colour found-rates.
+  * ocr      - PP-OCR's recognizer (rapidocr-onnxruntime, offline), the paper's score: 1 if the
+               target is a substring of what is read, else 1 - min(Levenshtein, len) / len (Sec. 9)
+  * aesthetic- a deterministic 0-10 score standing in for the LAION predictor (aesthetic_reward).
 
-
-
-Measured on 2 CPU cores (images of the 64-70 held-out prompts, one render each;
-`ground_truth_check()`, ~2 s): ground truth scores geneval 1.00, ocr 1.00; noise and blank
-images 0.00 on both. Aesthetic: ground truth 4.94 on average, the hand-made ideal 8.88, noise
-0.48, blank 0. Cost: geneval ~0.4 ms, ocr ~4 ms (batched), aesthetic ~0.15 ms an image.
+What each scores on ground truth, noise and blank images, and its cost (ground_truth_check):
+docs/experiments.md, "The toy rewards on ground truth, and their cost".
 
 Deliberate deviations from the paper:
-  1. GenEval's detector is Mask2Former + a CLIP colour classifier; here a hand-written
-     detector on a synthetic world (hue classes, components, moments). Objects carry no
-     confidence, so where GenEval ranks a class's detections by confidence and judges the
-     top k, we rank them by area (largest first) and judge the k largest.
-  2. Our colour prompts also name colours in counting and position prompts (GenEval's do
-     not): the top n (counting) or top 1 (position) of the shape must have the colour. Two
-     objects may share a shape ("a red square and a blue square"); the top 2 of that shape
-     are judged, each object being the one in its colour (GenEval never pairs a class with
-     itself).
-  3. OCR reads the whole image as one text line (no text detection, x4 upscale): 50x
-     faster, and within 0.04 of detection + recognition on a toy model's samples
-     (measured). Images larger than 64 px go through the full detector pipeline. Recognised text is NFKC
-     normalised (PP-OCR sometimes returns full-width letters), then lower-cased with
-     spaces removed as in Sec. 9.
-  4. The aesthetic score is a fixed formula, not a learned predictor; it is prompt
-     independent (as the LAION predictor is).
+  1. A hand-written detector (hue classes, components, moments), not Mask2Former + CLIP colours;
+     its objects carry no confidence, so where GenEval judges a class's top k by it, the k largest.
+  2. Colours are named in counting and position prompts too (GenEval's do not): the top n / top 1
+     of the shape must have the colour. Two objects may share a shape: its top 2, one per colour.
+  3. OCR reads the whole image as one text line (x4 upscale, no text detection): 50x faster, within
+     0.04 of detection + recognition; over 64 px, the full pipeline. Reads are NFKC-normalised
+     (PP-OCR sometimes returns full-width letters), lower-cased, spaces removed (Sec. 9).
+  4. The aesthetic score is a fixed formula, not a learned predictor; prompt independent, as LAION's.
 """
 import functools
 import re
@@ -494,7 +476,7 @@ def score(task, images, prompts, strict=True):
 
 def ground_truth_check(seed=0):
     """Each scorer's mean on renders of the held-out prompts, uniform noise and blank
-    (mid-grey) images: the numbers quoted at the top of this file."""
+    (mid-grey) images: docs/experiments.md, "The toy rewards on ground truth, and their cost"."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, task in TASKS.items():

@@ -3,8 +3,10 @@
 Nothing here is the paper's math (that is sampler.py); this file only moves bytes safely:
 
   * checkpoints: a folder of standard weights plus one opd.json (docs/formats.md, "Checkpoints"):
-    read_meta, resolve_base (its base by relative path + hash, or a hub id), settings (what a
-    checkpoint samples with: CFG, shift), export_checkpoint (the one way into base/ and ckpts/);
+    save_adapter writes a teacher or student; read_meta, resolve_checkpoint (its adapter and its
+    base: by relative path + hash, or a hub id), check_adapter / check_model (each file there and
+    readable, named when not), settings (what a checkpoint samples with: CFG, shift),
+    export_checkpoint (the one way into base/ and ckpts/);
   * atomic writes: write_json_atomic, replace_dir - a temporary name, then a rename;
   * resume state: save_state / load_state, safetensors for tensors, JSON for the rest, never a
     pickle, two slots so a kill at any moment leaves the last state whole;
@@ -41,12 +43,27 @@ class CheckpointError(Exception):
 
 
 def read_meta(path: str | Path) -> dict:
-    if not (p := Path(path) / META).is_file():
-        return {}
+    """A checkpoint folder's opd.json ({} where there is none)."""
+    return json_file(path, META) if (Path(path) / META).exists() else {}
+
+
+def json_file(folder: str | Path, name: str) -> dict:
+    """folder/name, a JSON object; missing, unreadable, empty or not an object: CheckpointError naming it."""
     try:
-        return json.loads(p.read_text())
+        data = (Path(folder) / name).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: {name} is missing; restore or re-export it") from None
+    except OSError as e:                                       # a folder of that name, no permission, ...
+        raise CheckpointError(f"{folder}: {name} cannot be read ({e.strerror}); restore or re-export it") from None
+    if not data.strip():
+        raise CheckpointError(f"{folder}: {name} is empty; restore or re-export it")
+    try:
+        obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: {META} is not valid JSON ({e}); restore or re-export it") from None
+        raise CheckpointError(f"{folder}: {name} is not valid JSON ({e}); restore or re-export it") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{folder}: {name} is not a JSON object; restore or re-export it")
+    return obj
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -70,32 +87,37 @@ def resume_log(path: str | Path, key: str, start: int) -> list[dict]:
     return [json.loads(l) for l in kept]
 
 
-def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None,
-               info: dict) -> None:
+def _opts(opt) -> list:
+    return [] if opt is None else list(opt) if isinstance(opt, (list, tuple)) else [opt]
+
+
+def save_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt, info: dict) -> None:
     """Resume state: tensors and optimizer moments in a safetensors file, the rest in prefix.json.
-    Never a pickle. Two tensor files take turns (prefix-a / prefix-b); the JSON, renamed into
+    Never a pickle. opt: an optimizer, a list of them (the first's keys "opt.", the n-th's
+    "opt<n>."), or None. Two tensor files take turns (prefix-a / prefix-b); the JSON, renamed into
     place last, names the one that is complete - so a kill at any moment leaves the previous
     state whole, and a resume never mixes two saves."""
     from safetensors.torch import save_file
     flat = {f"{k}.{i}": t.detach().cpu().contiguous() for k, ts in tensors.items() for i, t in enumerate(ts)}
-    groups = None
-    if opt is not None:
-        sd = opt.state_dict()
+    groups = {}
+    for n, o in enumerate(_opts(opt)):
+        sd = o.state_dict()
         for i, st in sd["state"].items():
             for k, v in st.items():
-                flat[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        groups = sd["param_groups"]
+                flat[f"opt{n or ''}.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        groups[f"param_groups{n or ''}"] = sd["param_groups"]
+    groups.setdefault("param_groups", None)
     prefix = Path(prefix)
     cur = json.loads(prefix.with_suffix(".json").read_text()).get("tensors") if prefix.with_suffix(".json").is_file() else None
     name = f"{prefix.name}-{'b' if cur == f'{prefix.name}-a.safetensors' else 'a'}.safetensors"
     tmp = prefix.with_name(name + ".tmp")
     save_file(flat, str(tmp))
     os.replace(tmp, prefix.with_name(name))                    # the slot NOT named by the current JSON
-    write_json_atomic(prefix.with_suffix(".json"), {**info, "param_groups": groups, "tensors": name})   # commit
+    write_json_atomic(prefix.with_suffix(".json"), {**info, **groups, "tensors": name})   # commit
 
 
-def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: torch.optim.Optimizer | None) -> dict:
-    """Inverse of save_state: copies tensors in place, restores the optimizer, returns the info."""
+def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt) -> dict:
+    """Inverse of save_state: copies tensors in place, restores the optimizer(s), returns the info."""
     from safetensors.torch import load_file
     prefix = Path(prefix)
     info = json.loads(prefix.with_suffix(".json").read_text())
@@ -104,13 +126,13 @@ def load_state(prefix: str | Path, tensors: dict[str, list[torch.Tensor]], opt: 
         for k, ts in tensors.items():
             for i, t in enumerate(ts):
                 t.copy_(flat[f"{k}.{i}"])
-    if opt is not None:
+    for n, o in enumerate(_opts(opt)):
         state: dict[int, dict] = {}
         for key, v in flat.items():
-            if key.startswith("opt."):
+            if key.startswith(f"opt{n or ''}."):
                 _, i, name = key.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        o.load_state_dict({"state": state, "param_groups": info[f"param_groups{n or ''}"]})
     return info
 
 
@@ -187,6 +209,90 @@ def check_safetensors(folder: Path) -> None:
                                   "re-download or re-export it") from None
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # PEFT's LoRA format: teachers, students
+
+
+def check_adapter(path: str | Path) -> dict:
+    """A LoRA adapter folder (PEFT's two files, docs/formats.md, "Checkpoints") before it loads: each
+    there, the config a JSON object, the weights' safetensors header readable. Returns the config."""
+    for f in ADAPTER_FILES:
+        if not (Path(path) / f).exists():
+            raise CheckpointError(f"{path}: {f} is missing (a LoRA checkpoint is {' + '.join(ADAPTER_FILES)}); "
+                                  "restore or re-export it")
+    config = json_file(path, ADAPTER_FILES[0])
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{path}: {ADAPTER_FILES[0]} is not a LoRA config (peft_type "
+                              f"{config.get('peft_type')!r}); restore or re-export it")
+    check_safetensors(Path(path))
+    return config
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[dict, str | None, str]:
+    """What a checkpoint argument is: (its opd.json, its adapter folder or None, its base). A teacher or
+    student is an adapter (check_adapter) on the base its opd.json names (resolve_base); anything else
+    is a base itself, a folder or a hub id. An adapter folder without a teacher's or student's opd.json
+    is refused: nothing names its base."""
+    meta = read_meta(path) if Path(path).is_dir() else {}
+    if meta.get("role") in ("teacher", "student"):
+        check_adapter(path)
+        return meta, str(path), resolve_base(path, meta)
+    if any((Path(path) / f).exists() for f in ADAPTER_FILES):
+        problem = f"{META} is missing (a teacher's or student's names its base)" if not meta else \
+            f"a LoRA adapter whose {META} says role {meta.get('role')!r}, not teacher or student"
+        raise CheckpointError(f"{path}: {problem}; restore or re-export it")
+    return meta, None, str(path)
+
+
+MODEL_PARTS = ("transformer", "text_encoder", "tokenizer")             # a toy base's folders
+
+
+def check_model(path: str | Path) -> None:
+    """A base's folder before its weights load: the toy's MODEL_PARTS, or every component an SD3
+    pipeline's model_index.json lists (transformers 5 silently builds an empty-vocabulary tokenizer
+    for a missing tokenizer folder: every prompt -> <unk>); each *.safetensors header readable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder (docs/formats.md, 'Checkpoints')")
+    if (path / "model_index.json").is_file():
+        index = json_file(path, "model_index.json")
+        parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+        for f in parts:
+            if not (path / f).is_dir():
+                raise CheckpointError(f"{path}: SD3 pipeline folder is missing {f}/ (model_index.json lists it)")
+    else:
+        for part in MODEL_PARTS:
+            if not (path / part).is_dir():
+                raise CheckpointError(f"{path}: missing {part}/; a model folder needs transformer/, "
+                                      "text_encoder/ and tokenizer/ (or model_index.json for SD3)")
+        parts = MODEL_PARTS[:2]                                # the tokenizer has no weights
+    for f in parts:
+        check_safetensors(path / f)
+
+
+def save_adapter(policy, name: str, out_dir: str | Path, meta: dict) -> None:
+    """Write a policy's (sampler.Policy) adapter `name` as a checkpoint folder: PEFT's two files and
+    opd.json = meta + its base (a path relative to out_dir and content_hash, or a hub id), atomically
+    (tmp + rename)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = get_peft_model_state_dict(policy.net, adapter_name=name)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()},
+              str(tmp / "adapter_model.safetensors"))
+    cfg = policy.net.peft_config[name].to_dict()
+    cfg["base_model_name_or_path"] = None                      # PEFT would write an absolute path here
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    base = Path(policy.base_path)                              # relative path + hash, or a hub id
+    meta = dict(meta, base={"path": os.path.relpath(base.resolve(), out_dir.resolve()), "hash": content_hash(base)}
+                if base.is_dir() else {"path": policy.base_path, "hash": None})
+    write_json_atomic(tmp / META, meta)
+    replace_dir(tmp, out_dir)
+
+
 
 def settings(path: str | Path) -> dict:
     """What a checkpoint samples with, read without loading weights: its base, its CFG (its own
@@ -194,8 +300,7 @@ def settings(path: str | Path) -> dict:
     its base's shift and sigma_min (the toy base's opd.json: sigma_min 0; an SD3 pipeline's
     scheduler config: shift 3.0 for SD3.5-M, sigma_min = shift(1 / num_train_timesteps)), which
     sampler.time_grid turns into the grid. Policy uses the same."""
-    meta = read_meta(path) if Path(path).is_dir() else {}
-    base = resolve_base(path, meta) if meta.get("role") in ("teacher", "student") else str(path)
+    meta, _, base = resolve_checkpoint(path)
     bmeta = read_meta(base) if Path(base).is_dir() else {}
     sd3 = not bmeta and (not Path(base).exists() or (Path(base) / "model_index.json").is_file())
     shift, sigma_min = _scheduler(base) if sd3 else (float(bmeta.get("shift", 1.0)), 0.0)
@@ -331,6 +436,44 @@ def layout(env, cuda: bool) -> dict:
     world, rank, local = (int(env.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return {"world": world, "rank": rank, "device": device, "backend": "nccl" if cuda else "gloo"}
+
+
+# The cross-process reductions of a data-parallel run (torchrun): each does nothing with one process.
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def process_mean(value: float, device: torch.device) -> float:
+    """The mean of a per-process value over the processes (a task's loss on the global batch)."""
+    v = torch.tensor(value, dtype=torch.float64, device=device)
+    if _world() > 1:
+        torch.distributed.all_reduce(v)
+        v /= _world()
+    return float(v)
+
+
+def process_mean_grads(params: list[torch.Tensor]) -> None:
+    """Average the parameters' .grad over the processes, in place (all-reduce, / world)."""
+    if _world() > 1:
+        for p in params:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= _world()
+
+
+def from_rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's answer (a finished run, a spent time budget), the same on every process."""
+    if _world() == 1:
+        return bool(flag)
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.broadcast(t, 0)
+    return bool(t)
+
+
+def barrier() -> None:
+    """Wait for every process (rank 0 has written what the others read)."""
+    if _world() > 1:
+        torch.distributed.barrier()
 
 
 def output_file(path: str | Path, flag: str) -> Path:

@@ -1,24 +1,20 @@
 """sampler.py - the paper's shared math and the policy (DiffusionOPD Sec. 3.1-3.2, Eq. 5-12).
 
-Everything formula-shaped that two files need lives here and only here: the time grid,
-the SDE/ODE transition kernel (mean and std), the Gaussian log-prob of a transition,
-the per-step closed-form KL, the policy (load / encode / velocity with CFG / decode)
-and the rollout. teachers.py, distill.py, the notebook and the tests import it.
+Everything formula-shaped that two files need lives here and only here: the time grid, the
+SDE/ODE transition kernel (mean and std), the Gaussian log-prob of a transition, the per-step
+closed-form KL, the policy (load / encode / velocity with CFG / decode) and the rollout.
+teachers.py, distill.py, the notebook and the tests import it.
 
     python sampler.py base/ --prompt 'a sign that says "K7"'   # 40-step ODE samples -> runs/sampler.png (~5 s)
 
-=====================================================================================
 CONVENTIONS (stated once, used everywhere)
-  * Rectified flow, SD3 convention:  x_t = (1 - t) x_data + t eps.
-    t = 1 IS PURE NOISE, t = 0 IS DATA.  The network predicts v = eps - x_data.
-  * Sampling runs DOWN the grid 1 = t_0 > t_1 > ... > t_N = 0, so every step has
-    dt_j = t_{j+1} - t_j < 0  (NEGATIVE).
-  * "Step j" maps state x_j (at t_j) to x_{j+1} (at t_{j+1}). Beware: in this file x_0
-    is the NOISE the rollout starts from (j = 0), never the data; data is `x_data`.
-  * Log-probs and KLs are MEANS over the non-batch dimensions (C*H*W), not sums, as in
-    the released code and Flow-GRPO: a PPO clip range and a learning rate then mean the
-    same thing at 32x32 pixels and at 64x64x16 latents. sum = mean * D, say D = x[0].numel().
-  * The network's timestep input is 1000 * t (diffusers' FlowMatchEulerDiscreteScheduler).
+  * Rectified flow, SD3 convention: x_t = (1 - t) x_data + t eps.  t = 1 IS PURE NOISE, t = 0 IS
+    DATA.  The network predicts v = eps - x_data; its timestep input is 1000 * t (diffusers).
+  * Sampling runs DOWN the grid 1 = t_0 > t_1 > ... > t_N = 0, so every dt_j = t_{j+1} - t_j < 0.
+  * "Step j" maps x_j (at t_j) to x_{j+1}. Beware: x_0 is the NOISE a rollout starts from, never
+    the data (`x_data`).
+  * Log-probs and KLs are MEANS over the non-batch dimensions (C*H*W; sum = mean * x[0].numel()),
+    as in the released code and Flow-GRPO: a clip range and a learning rate then mean the same at any size.
 
 NOTATION (paper -> code)
   t_j, t_{j+1}, dt_j   t, t_next, dt = t_next - t (< 0)
@@ -28,28 +24,20 @@ NOTATION (paper -> code)
   sbar_j               std           sigma_t * sqrt(-dt)                        Eq. 6
   KL_j                 step_kl       ||mu_S - mu_T||^2 / (2 sbar^2)  (a > 0)    Eq. 11
                                      ||mu_S - mu_T||^2 / 2           (a = 0)    Eq. 12
-=====================================================================================
 
 Deliberate deviations / choices
-  1. t = 1 step: sigma_t = a sqrt(t / (1 - t)) is infinite at t = 1. We use the released
-     (Flow-GRPO) substitution 1 - t -> 1 - t_1 inside sigma_t only. Then the first step has
-     cx = 1 - a^2/2, cv = 1, sbar^2 = a^2 exactly (tested), and stays in the loss.
-  2. Grid: at real scale the scheduler's own (what the diffusers pipeline samples and the
-     released teachers were trained on): it linspaces to sigma_min, which is already shifted at
-     construction, shifts again, then appends 0, so 10 steps at shift 3 end .0089 -> 0; tested
-     equal. The toy's grid is shift(linspace(1, 0, N + 1)), ending exactly at 0 (its numbers were
-     made on it). trained_steps leaves out a last step with a negligible share of the loss.
-  3. Eq. 11 is implemented as the paper writes it, with the (-dt) in sbar^2. The released
-     code divides by 2 sigma_t^2 without it (a weight off by 1/|dt| per step).
-  4. Base hash = sha256 of its transformer's safetensors (what adapters sit on); a hub id as is.
+  1. t = 1, where sigma_t is infinite: 1 - t -> 1 - t_1 inside sigma_t only, as the released code
+     (Flow-GRPO); the first step (cx = 1 - a^2/2, cv = 1, sbar^2 = a^2, tested) stays in the loss.
+  2. Grid: at real scale the scheduler's own, which the released teachers were trained on (ends
+     .0089 -> 0; time_grid); the toy's ends exactly at 0, as its numbers were made on it.
+  3. Eq. 11 keeps the paper's (-dt) in sbar^2; the released code drops it (a 1/|dt| weight per step).
+  4. A base's hash: sha256 of its transformer's safetensors (what adapters sit on); a hub id as is.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,8 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import runs
-from runs import (META, SD3_CFG, CheckpointError, check_safetensors, content_hash, read_meta, replace_dir,
-                  resolve_base, settings, write_json_atomic)
+from runs import SD3_CFG, CheckpointError, read_meta, settings
 if TYPE_CHECKING:                                             # annotations only: numpy is imported where used
     import numpy as np
 
@@ -178,6 +165,35 @@ def velocity_kl_weight(t: float, t_next: float, a: float) -> float:
 
 
 # ------------------------------------------------------------------------------------
+# 4. what a velocity says about x_data, eps and the score (rectified flow, Sec. 2)
+#    x_t = (1 - t) x_data + t eps and v = eps - x_data, so for a model's v at (x_t, t):
+#    x_data_hat = x_t - t v, eps_hat = x_t + (1 - t) v, score = grad log p_t(x_t) = -eps_hat / t
+#    (Tweedie: E[eps | x_t] = -t grad log p_t). The distribution-matching baselines (DMD, TDM;
+#    ablations.py) read their gradients off these. t: a float or a (B,) tensor.
+# ------------------------------------------------------------------------------------
+def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.view(-1, *[1] * (x.dim() - 1)) if t.dim() == 1 else t
+
+
+def data_from_velocity(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    return x - _per_sample(t, x) * v                           # x_data_hat = x_t - t v
+
+
+def noise_from_velocity(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    return x + (1 - _per_sample(t, x)) * v                     # eps_hat = x_t + (1 - t) v
+
+
+def score_from_velocity(x: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    return -noise_from_velocity(x, v, t) / _per_sample(t, x)  # grad log p_t = -eps_hat / t  (t > 0)
+
+
+def velocity_from_score(x: torch.Tensor, score: torch.Tensor, t) -> torch.Tensor:
+    tb = _per_sample(t, x)
+    return (-tb * score - x) / (1 - tb)                        # v = (eps_hat - x_t) / (1 - t), eps_hat = -t score  (t < 1)
+
+
+# ------------------------------------------------------------------------------------
 # 5. the policy: encode(prompts), velocity(x, t, cond, guidance) with CFG, decode(x)
 # ------------------------------------------------------------------------------------
 class Policy:
@@ -190,16 +206,14 @@ class Policy:
         encoders via the pipeline's encode_prompt; decode through the VAE.
     Teachers and students are adapters on the transformer. All teachers of a distillation run
     sit on ONE backbone (as in the paper's released code); `use(name)` switches, use(None) is
-    the plain base."""
+    the plain base. The checkpoint files are runs.py's: checked there before anything loads
+    (runs.resolve_checkpoint, check_model, check_adapter) and written by runs.save_adapter."""
 
     def __init__(self, path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         # the device is detected: a GPU when there is one (real scale), else the CPU (toy scale)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
-        meta = read_meta(path) if Path(path).is_dir() else {}
-        adapter = None
-        if meta.get("role") in ("teacher", "student"):
-            adapter, path = path, resolve_base(path, meta)
+        meta, adapter, path = runs.resolve_checkpoint(path)   # a teacher / student: its files checked first
         self.base_path, self.base_meta = str(path), (read_meta(path) if Path(path).is_dir() else {})
         self.pipe = None
         if not Path(path).exists():
@@ -233,7 +247,7 @@ class Policy:
         self = cls.__new__(cls)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
-        self.base_path, self.base_meta, self.meta = None, {}, {}            # no folder: save_adapter is unavailable
+        self.base_path, self.base_meta, self.meta = None, {}, {}            # no folder: runs.save_adapter is unavailable
         self.pipe = self.vae = self.text_encoder = self.tokenizer = None
         self.transformer = transformer.to(self.device, dtype).requires_grad_(False).eval()
         self.net, self.active, self.adapters = self.transformer, None, {}
@@ -245,14 +259,7 @@ class Policy:
     def _load_toy(self, path: Path) -> None:
         from diffusers import SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a folder; pass a checkpoint folder (docs/formats.md, 'Checkpoints')")
-        for part in ("transformer", "text_encoder", "tokenizer"):
-            if not (path / part).is_dir():
-                raise CheckpointError(f"{path}: missing {part}/; a model folder needs transformer/, "
-                                      "text_encoder/ and tokenizer/ (or model_index.json for SD3)")
-        for part in ("transformer", "text_encoder"):
-            check_safetensors(path / part)
+        runs.check_model(path)                                 # its folders and safetensors, named when missing
         try:
             self.transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", use_safetensors=True,
                                                                      dtype=self.dtype)
@@ -268,17 +275,7 @@ class Policy:
     def _load_sd3(self, path: str) -> None:
         from diffusers import StableDiffusion3Pipeline
         if Path(path).is_dir():
-            # every component model_index.json lists must be there: transformers 5 silently builds an
-            # empty-vocabulary tokenizer for a missing tokenizer folder (every prompt -> <unk>)
-            try:
-                index = json.loads((Path(path) / "model_index.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: model_index.json is not valid JSON ({e})") from None
-            parts = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
-            for f in parts:
-                if not (Path(path) / f).is_dir():
-                    raise CheckpointError(f"{path}: SD3 pipeline folder is missing {f}/ (model_index.json lists it)")
-                check_safetensors(Path(path) / f)
+            runs.check_model(path)                             # every component model_index.json lists
         half = TEXT_DTYPE[self.device.type]                    # the text encoders (T5-XXL: 4.7B) in half precision
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype={"default": self.dtype, "text_encoder": half,
@@ -293,16 +290,14 @@ class Policy:
 
     # -- adapters -----------------------------------------------------------------
     def add_adapter(self, name: str, ckpt: str | Path | None = None, config=None) -> None:
-        """Load a saved adapter (ckpt) or create a fresh trainable one (config: peft.LoraConfig)."""
+        """Load a saved adapter (ckpt: a folder in PEFT's format, runs.check_adapter; written by
+        runs.save_adapter) or create a fresh trainable one (config: peft.LoraConfig)."""
         from peft import PeftModel, get_peft_model
         if name in self.adapters:
             raise CheckpointError(f"{ckpt}: an adapter named {name!r} is already loaded (two teachers for one task?)")
         if ckpt is not None:
             ckpt = Path(ckpt)
-            if not (ckpt / "adapter_config.json").is_file() or not (ckpt / "adapter_model.safetensors").is_file():
-                raise CheckpointError(f"{ckpt}: not a LoRA checkpoint (needs adapter_config.json and "
-                                      "adapter_model.safetensors)")
-            check_safetensors(ckpt)
+            runs.check_adapter(ckpt)                           # each file there and readable, named when not
             try:
                 if self.net is self.transformer:
                     self.net = PeftModel.from_pretrained(self.transformer, str(ckpt), adapter_name=name)
@@ -359,27 +354,6 @@ class Policy:
 
     def adapter_params(self, name: str) -> dict[str, torch.nn.Parameter]:
         return {k: p for k, p in self.net.named_parameters() if f".{name}." in k and "lora_" in k}
-
-    def save_adapter(self, name: str, out_dir: str | Path, meta: dict) -> None:
-        """Write adapter `name` in PEFT format + opd.json into out_dir, atomically (tmp + rename)."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sd = get_peft_model_state_dict(self.net, adapter_name=name)
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()},
-                  str(tmp / "adapter_model.safetensors"))
-        cfg = self.net.peft_config[name].to_dict()
-        cfg["base_model_name_or_path"] = None                  # PEFT would write an absolute path here
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-        base = Path(self.base_path)                           # relative path + hash, or a hub id
-        meta = dict(meta, base={"path": os.path.relpath(base.resolve(), out_dir.resolve()), "hash": content_hash(base)}
-                    if base.is_dir() else {"path": self.base_path, "hash": None})
-        write_json_atomic(tmp / META, meta)
-        replace_dir(tmp, out_dir)
 
     # -- the three calls ------------------------------------------------------------
     @torch.no_grad()

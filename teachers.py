@@ -1,64 +1,34 @@
 """teachers.py - Stage 1: one specialist teacher per task by single-task RL (paper Sec. 3, Sec. 6).
 
-Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward, never seeing
-the others. Two algorithms, the ones the paper used, as two step functions under one loop (train):
+Each teacher is a LoRA adapter on the base, trained on ONE task's prompts and reward. Two
+algorithms, the paper's, as two step functions under one loop (train):
+  * GRPO-Guard (arXiv 2510.22319; grpo_step, guard_loss) = Flow-GRPO + RatioNorm + per-step 1/|dt|
+    reweighting: SDE rollouts (Eq. 5-7) store log pi_old; group advantages; PPO-clip.
+  * DiffusionNFT (arXiv 2509.16117; nft_step, nft_loss): CFG-free RL on the FORWARD process: an
+    old policy's ODE samples, reward weights r in [0, 1], flow matching through an implicit
+    positive and negative policy.
 
-  * GRPO-Guard (arXiv 2510.22319) = Flow-GRPO + RatioNorm + per-step 1/|dt| reweighting
-    (grpo_step, guard_loss). SDE rollouts at noise level a (Eq. 5-7, sampler.py) store log pi_old
-    of every sampled transition; group-normalised advantages; PPO-clip. `--algo flow-grpo` is
-    plain Flow-GRPO (no Guard).
-  * DiffusionNFT (arXiv 2509.16117; nft_step, nft_loss): CFG-free, likelihood-free RL on the
-    FORWARD process. An "old" policy (a soft-updated copy) draws clean samples with the ODE
-    sampler; the reward makes a weight r in [0, 1]; the model is trained by flow matching on
-    re-noised samples through an implicit positive and negative policy.
+    python teachers.py --task aesthetic --algo grpo-guard --iters 120 --export ckpts/aesthetic
 
-    python teachers.py --task aesthetic --algo grpo-guard --iters 120 --export ckpts/aesthetic     # 8 min
-    python teachers.py --task ocr --algo grpo-guard --lr 3e-4 --train-fraction 0.5 --iters 3000 \
-        --minutes 60 --eval-every 100 --eval-small 64 --eval-n 0 --export ckpts/ocr              # 60 min
-    python teachers.py --task geneval --algo nft --rl-reward objects --adv-scale batch --prompt-mix spread \
-        --prompts 8 --iters 2000 --minutes 58 --eval-every 100 --eval-small 64 --eval-n 0 --sample-cfg 3 \
-        --export ckpts/geneval                                                                      # 58 min
-    python evaluate.py base ckpts/* --export-scores      # their scores, both tables, into the folders
+regenerates a teacher; the shipped ones' commands: README, "Regenerating everything". Runs write
+runs/teacher-<task>/ and resume when re-run; `--minutes` stops a run when its budget is spent.
+Table 1's multi-task RL baselines run this loop too: multitask.py.
 
-on 2 cores regenerate the shipped teachers (README, "Results"); `--minutes` stops a run when its
-time budget is spent, and opd.json records the iterations reached. Runs write runs/teacher-<task>/
-and resume when re-run with the same flags; `--export` ships a finished run's checkpoint/. The
-multi-task RL baselines of Table 1 (joint and cascade) run this loop too: multitask.py.
-
-Deliberate deviations from the papers (all for a 2-core CPU budget)
-  1. Toy sizes: 4 prompts x 8 images per iteration (Flow-GRPO: 24 per group, 48 GPUs), 10
-     rollout steps, LoRA r 32 / alpha 64 on the attention projections (as the paper).
-  2. No KL-to-reference term in either algorithm (GRPO-Guard's configs use none; NFT's is 1e-4,
-     left out) and no EMA of the trained weights.
-  3. NFT's old policy decay ramps as min(ramp * iteration, max) (our reading of the "decay
-     schedule"); NFT's rollouts use the same 10-step ODE grid as everything else; its re-noising
-     times are uniform in [0.02, 0.98] (`--nft-t grid`: the grid's times) and advantages are
-     scaled per group (`--adv-scale batch`: by the batch's std, as Flow-GRPO's global_std).
-  4. One rollout batch feeds `minibatches` optimizer steps (so PPO ratios leave 1 and the clip
-     can act, as in Flow-GRPO, where a sample batch is split into several train batches).
-  5. Learning rates and lengths are the CPU budget's, measured (docs/experiments.md): GRPO-Guard
-     on OCR climbs steadily at lr 3e-4 and collapses after ~350 iterations at 6e-4;
-     `--train-fraction 0.5` (a random half of the steps per minibatch, Flow-GRPO's
-     timestep_fraction) costs ~3 s an iteration instead of ~4.7 and gains as much per
-     iteration. CFG-free NFT on GenEval peaks near 700 iterations at lr 1e-3 (training reward
-     0.54 -> 0.71) and declines after; at 3e-3 it declines sooner (the rules' reward, uniform prompts).
-  6. GenEval's RL reward is the fraction of GenEval's rules that hold; it pays 0.6 for a pair drawn
-     in one colour, and the shipped teacher learned to draw no green (docs/experiments.md, "GenEval:
-     the colour the shipped teacher forgot"). `--rl-reward objects` (rewards.geneval_rl_reward)
-     pays 0.25 for it; every GenEval run logs per-tag accuracy and per-colour found-rates.
-     Prompts are drawn uniformly from the train list (72% position prompts); `--prompt-mix tags`
-     draws each tag equally, as GenEval's Overall weighs them, and `--prompt-mix spread` by each
-     tag's recent share of groups with reward spread (tag_weights). The shipped GenEval teacher:
-     the per-object reward, batch-wide advantages, spread, 8 prompts an iteration, CFG-free NFT:
-     +0.158 +- 0.033 on GenEval's Overall in 58 CPU minutes (tags drawn evenly: +0.146 +- 0.031),
-     +0.177 +- 0.032 sampled at CFG 3 (deviation 7);
-     NFT at the base's CFG (`--cfg 3`) runs, but did not gain in 55 minutes (docs/experiments.md).
-  7. The CFG a teacher is sampled at (`--sample-cfg`, opd.json cfg: its evaluations and Stage 2's
-     queries) may differ from its rollouts'. The shipped GenEval teacher trains CFG-free and is
-     sampled at the base's CFG 3 (the paper queries it at 1.0): it scores as well there, and the
-     student - a LoRA sampled at CFG 3 - can match a CFG-3 teacher's velocities exactly, a CFG-1
-     one's only approximately (Stage 2 on GenEval alone closed 0% of the gain in 50 rounds at
-     CFG 1, 67% at CFG 3; docs/experiments.md). Training does not depend on it.
+Deliberate deviations from the papers (for a 2-core CPU budget; measured in docs/experiments.md,
+"Recipes on the train prompts: a GPU sweep" and "The shipped teachers")
+  1. Toy sizes: 4 prompts x 8 images per iteration, 10 rollout steps, LoRA r 32 / alpha 64.
+  2. No KL-to-reference term (GRPO-Guard's configs use none; NFT's 1e-4 left out), no EMA.
+  3. NFT: old-policy decay min(ramp * iteration, max); rollouts on the shared 10-step ODE grid;
+     re-noising t ~ U[0.02, 0.98]; `--adv-scale batch` scales advantages by the batch's std.
+  4. One rollout batch feeds `minibatches` optimizer steps, so PPO ratios leave 1 (Flow-GRPO).
+  5. Learning rates and lengths are the CPU budget's, measured; `--train-fraction 0.5` trains a
+     random half of the steps per minibatch (Flow-GRPO's timestep_fraction).
+  6. GenEval's RL reward: `--rl-reward objects` (rewards.geneval_rl_reward) pays per object found,
+     so a pair drawn in one colour earns little (the rules' fraction paid it 0.6 and a teacher
+     stopped drawing green); `--prompt-mix spread` draws tags by their recent reward spread.
+  7. `--sample-cfg`: the CFG a teacher is sampled at (its evaluations and Stage 2's queries) may
+     differ from its rollouts'; the shipped GenEval teacher trains CFG-free and is sampled at the
+     base's CFG 3, which a CFG-3 student can match exactly (the paper queries it at 1.0).
 """
 from __future__ import annotations
 
@@ -143,17 +113,17 @@ def check_init(cfg) -> list[str]:
     """--init: an adapter checkpoint of ours on THIS run's base (resolved path and hash) with this
     run's LoRA shape; returns the tasks it was trained on. Anything else: CheckpointError."""
     p = Path(cfg.init)
-    meta = runs.read_meta(p) if p.is_dir() else {}
-    if meta.get("role") not in ("teacher", "student") or not (p / "adapter_config.json").is_file():
+    meta, adapter, base = runs.resolve_checkpoint(p) if p.is_dir() else ({}, None, "")   # its files checked
+    if adapter is None:
         raise runs.CheckpointError(f"--init {p}: not an adapter checkpoint of ours (a teacher or student folder with "
                                 f"{runs.META} and adapter_config.json)")
     where = lambda b: str(Path(b).resolve()) if Path(b).is_dir() else b
-    theirs = (where(runs.resolve_base(p, meta)), meta["base"].get("hash"))
+    theirs = (where(base), meta["base"].get("hash"))
     mine = (where(cfg.base), runs.content_hash(cfg.base) if Path(cfg.base).is_dir() else None)
     if theirs != mine:
         raise runs.CheckpointError(f"--init {p}: it sits on the base {theirs[0]} (hash {theirs[1]}), this run on --base "
                                 f"{cfg.base} = {mine[0]} (hash {mine[1]}); start from an adapter of this run's base")
-    ac = json.loads((p / "adapter_config.json").read_text())
+    ac = runs.check_adapter(p)                                 # its adapter_config.json
     if (ac.get("r"), ac.get("lora_alpha"), sorted(ac.get("target_modules") or [])) != \
             (cfg.rank, cfg.alpha, sorted(S.LORA_TARGETS)):
         raise runs.CheckpointError(f"--init {p}: a LoRA of rank {ac.get('r')}, alpha {ac.get('lora_alpha')}, this run's "
@@ -377,8 +347,59 @@ def nft_step(L: Learner, cfg: TeacherConfig, task, prompts: list[str], cond: dic
 def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
     """The RL loop. `tasks` (default: [cfg.task]) rotates round-robin, one task per iteration: a
     batch holds one task's prompts, so its rewards and group advantages are that task's (several
-    tasks: joint multi-task RL, multitask.py)."""
-    from tqdm import tqdm
+    tasks: joint multi-task RL, multitask.py). Each iteration: prompts (each repeated for its
+    group), initial noise, then grpo_step or nft_step - rollouts, rewards, group advantages and the
+    update. Returns the exported checkpoint folder."""
+    r = start(cfg, tasks)                        # checks, run folder, the teacher's LoRA, resume (or a finished run)
+    if isinstance(r, Path):
+        return r
+    for it in iterations(r):                     # --iters, or fewer if --minutes is spent first
+        task = R.TASKS[r.tasks[it % len(r.tasks)]]
+        rng = np.random.default_rng([cfg.seed, it])
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        rec = {"iter": it, "task": task.name}
+        weights = None
+        if cfg.prompt_mix == "spread" and task.tag is not None:   # tags with reward spread drawn more (deviation 6)
+            weights = tag_weights(r.spread.get(task.name, []), [task.tag(g[0]) for g in R.by_tag(task, task.train)])
+            rec["tag_weights"] = {t: round(w, 3) for t, w in weights.items()}
+        prompts = [p for p in draw_prompts(task, cfg.prompts, cfg.prompt_mix, rng, weights) for _ in range(cfg.group)]
+        cond = r.policy.encode(prompts)
+        x1 = torch.randn((len(prompts), *r.shape), generator=gen).to(r.policy.device)
+        rec |= (nft_step if r.nft else grpo_step)(r.learner, cfg, task, prompts, cond, x1, rng, gen, it)
+        count_spread(r, task, prompts, rec)
+        end_iteration(r, it, rec)                # evaluation and resume state every --eval-every, log line
+    return export(r)
+
+
+@dataclasses.dataclass
+class Training:
+    """What the RL loop works with (built by start)."""
+    cfg: TeacherConfig
+    tasks: list
+    init_tasks: list               # the tasks of an --init checkpoint (a cascade stage)
+    out: Path
+    conf: dict
+    policy: S.Policy
+    nft: bool
+    g: float                       # the rollouts' CFG
+    g_eval: float                  # the CFG it is sampled at (evaluations, opd.json)
+    learner: "Learner"
+    state: dict                    # the tensors a resume restores
+    shape: tuple
+    start: int
+    before: float                  # seconds trained before a resume
+    spread: dict                   # task -> its iterations' {tag: [groups with spread, groups]}
+    log: object = None
+    watch: bool = False            # GenEval diagnostics (toy)
+    base_diag: dict | None = None  # the base's, at the sampling CFG
+    kept: list = dataclasses.field(default_factory=list)   # GenEval iterations' "kept" since the last evaluation
+    t0: float = 0.0
+    done: int = 0                  # iterations reached
+
+
+def start(cfg: TeacherConfig, tasks: list[str] | None) -> Training | Path:
+    """Everything before the first iteration: the checks, the run folder (a finished run: its
+    checkpoint instead), the teacher's LoRA (NFT: and its old copy), the optimizer, the resume."""
     tasks = tasks or [cfg.task]
     for t in tasks:
         if t not in R.TASKS:
@@ -402,6 +423,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
     if cfg.init:                                               # a cascade stage / --init: not a fresh LoRA
         load_init(policy, "teacher", cfg.init)
     params = list(policy.adapter_params("teacher").values())
+    old_params = []
     if nft:                                                    # the old policy: a second adapter
         policy.add_adapter("old", config=lora_config(cfg))
         old_params = list(policy.adapter_params("old").values())
@@ -413,8 +435,7 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
     policy.use("teacher")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     grid = S.time_grid(cfg.steps, policy.shift, policy.sigma_min)
-    shape = policy.latent_shape()
-    start, before = 0, 0.0                                     # before: seconds spent before a resume
+    start, before = 0, 0.0
     state = {"params": params} | ({"old": old_params} if nft else {})
     if (out / "state.json").is_file():
         info = runs.load_state(out / "state", state, opt)
@@ -422,71 +443,83 @@ def train(cfg: TeacherConfig, tasks: list[str] | None = None) -> Path:
         print(f"resuming {out} at iteration {start}")
     print(json.dumps(conf | {"rollout_cfg": g, "sample_cfg": g_eval, "grid": [round(float(x), 5) for x in grid],
                              "lora_params": sum(p.numel() for p in params)}))
-    spread = {}                                                # task -> its iterations' {tag: [groups with spread, groups]}
-    for r in runs.resume_log(out / "log.jsonl", "iter", start):   # a resumed run's history, for tag_weights
-        if "spread_tags" in r:
-            spread.setdefault(r["task"], []).append(r["spread_tags"])
-    log = open(out / "log.jsonl", "a")
-    learner = Learner(policy, opt, params, old_params if nft else [], grid, g)
-    watch = "geneval" in tasks and runs.settings(cfg.base)["kind"] == "toy"   # GenEval diagnostics (toy)
-    if watch:                                                  # the base (adapters off) at the sampling CFG
+    spread = {}
+    for rec in runs.resume_log(out / "log.jsonl", "iter", start):   # a resumed run's history, for tag_weights
+        if "spread_tags" in rec:
+            spread.setdefault(rec["task"], []).append(rec["spread_tags"])
+    r = Training(cfg, tasks, init_tasks, out, conf, policy, nft, g, g_eval, Learner(policy, opt, params, old_params, grid, g),
+                 state, policy.latent_shape(), start, before, spread, open(out / "log.jsonl", "a"))
+    r.watch = "geneval" in tasks and runs.settings(cfg.base)["kind"] == "toy"
+    if r.watch:                                                # the base (adapters off) at the sampling CFG
         policy.use(None)
-        base_diag = E.geneval_diagnostics(policy, cfg.eval_small, g_eval)
+        r.base_diag = E.geneval_diagnostics(policy, cfg.eval_small, g_eval)
         policy.use("teacher")
-    kept = []                                                  # GenEval iterations' "kept" since the last evaluation
-    t0 = time.time()
-    done = start
-    for it in tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
-        if cfg.minutes and before + time.time() - t0 > 60 * cfg.minutes:
+    r.t0 = time.time()
+    return r
+
+
+def iterations(r: Training):
+    """The iterations this run trains, with a progress bar: from the resume's to --iters, or until
+    --minutes of training (resumes counted) are spent; r.done counts the iterations reached."""
+    from tqdm import tqdm
+    cfg = r.cfg
+    r.done = r.start
+    for it in tqdm(range(r.start, cfg.iters), initial=r.start, total=cfg.iters, desc=f"{cfg.algo}:{cfg.task}"):
+        if cfg.minutes and r.before + time.time() - r.t0 > 60 * cfg.minutes:
             break                                              # the time budget is spent
-        done = it + 1
-        task = R.TASKS[tasks[it % len(tasks)]]
-        rng = np.random.default_rng([cfg.seed, it])
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + it)
-        rec = {"iter": it, "task": task.name}
-        weights = None
-        if cfg.prompt_mix == "spread" and task.tag is not None:
-            weights = tag_weights(spread.get(task.name, []), [task.tag(g[0]) for g in R.by_tag(task, task.train)])
-            rec["tag_weights"] = {t: round(w, 3) for t, w in weights.items()}
-        prompts = [p for p in draw_prompts(task, cfg.prompts, cfg.prompt_mix, rng, weights) for _ in range(cfg.group)]
-        cond = policy.encode(prompts)
-        x1 = torch.randn((len(prompts), *shape), generator=gen).to(policy.device)
-        rec |= (nft_step if nft else grpo_step)(learner, cfg, task, prompts, cond, x1, rng, gen, it)
-        has_spread = rec.pop("spread")                         # per group: did its rewards differ?
-        rec["kept"] = float(np.mean(has_spread))               # = the share of images in such groups
-        if task.tag is not None:                               # ... counted per tag, for the log and tag_weights
-            rec["spread_tags"] = {}
-            for p, s in zip(prompts[::cfg.group], has_spread):
-                c = rec["spread_tags"].setdefault(task.tag(p), [0, 0])
-                c[0] += int(s); c[1] += 1
-            spread.setdefault(task.name, []).append(rec["spread_tags"])
-        if task.name == "geneval":
-            kept.append(rec["kept"])
-        rec["time_s"] = round(time.time() - t0, 1)
-        if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
-            for name in tasks:                                 # every task of a joint run
-                if name == "geneval" and watch:                # the same images, with their per-tag / colour view
-                    rec |= geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, g_eval), base_diag, kept)
-                    kept = []
-                else:
-                    rec[f"eval_{name}"] = float(E.evaluate(policy, name, cfg.eval_small, guidance=g_eval).mean())
-            runs.save_state(out / "state", state, opt, {"iter": it + 1, "elapsed_s": before + time.time() - t0})
-        log.write(json.dumps(rec) + "\n"); log.flush()
-    # ---- export the adapter as a teacher checkpoint, then measure it on every task ----
-    # trained on one task: a teacher of that task; on several: task "joint" (this run) or
-    # "cascade" (--init from another task's adapter), which distill.py refuses as a teacher
-    seen = list(dict.fromkeys(init_tasks + tasks))
-    label = seen[0] if len(seen) == 1 else "joint" if len(tasks) > 1 else "cascade"
-    meta = {"role": "teacher", "task": label} | ({"tasks": seen} if label in MULTITASK else {}) | {"cfg": g_eval,
-            "trained": {"algorithm": cfg.algo, "minutes": round((before + time.time() - t0) / 60, 2), "iterations": done,
-                        "config": {k: v for k, v in conf.items() if k not in ("out", "export", "base", "fresh", "run")}
-                        | {"rollout_cfg": g}}}
-    if watch:                                                  # the summary a mean would hide
-        recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines() if l.strip()]
-        every = [r["kept"] for r in recs if r.get("task") == "geneval" and "kept" in r]      # the whole run's
-        meta["geneval_diagnostics"] = geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, g_eval), base_diag,
-                                                     every) | {"base": base_diag, "n": len(E.eval_prompts("geneval", "train", cfg.eval_small))}
-    policy.save_adapter("teacher", ckpt, meta)
+        r.done = it + 1
+        yield it
+
+
+def count_spread(r: Training, task, prompts: list[str], rec: dict) -> None:
+    """Which groups had reward spread (the others' advantages are all 0: nothing to learn from):
+    'kept', the share of images in such groups, and per tag for the log and tag_weights."""
+    has_spread = rec.pop("spread")                             # per group: did its rewards differ?
+    rec["kept"] = float(np.mean(has_spread))
+    if task.tag is not None:
+        rec["spread_tags"] = {}
+        for p, s in zip(prompts[::r.cfg.group], has_spread):
+            c = rec["spread_tags"].setdefault(task.tag(p), [0, 0])
+            c[0] += int(s); c[1] += 1
+        r.spread.setdefault(task.name, []).append(rec["spread_tags"])
+    if task.name == "geneval":
+        r.kept.append(rec["kept"])
+
+
+def end_iteration(r: Training, it: int, rec: dict) -> None:
+    """Every --eval-every iterations: a small evaluation of every task (GenEval's with its per-tag
+    and per-colour view) and the resume state; then the log line."""
+    cfg, policy = r.cfg, r.policy
+    rec["time_s"] = round(time.time() - r.t0, 1)
+    if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
+        for name in r.tasks:                                   # every task of a joint run
+            if name == "geneval" and r.watch:                  # the same images, with their per-tag / colour view
+                rec |= geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, r.g_eval), r.base_diag, r.kept)
+                r.kept = []
+            else:
+                rec[f"eval_{name}"] = float(E.evaluate(policy, name, cfg.eval_small, guidance=r.g_eval).mean())
+        runs.save_state(r.out / "state", r.state, r.learner.opt, {"iter": it + 1, "elapsed_s": r.before + time.time() - r.t0})
+    r.log.write(json.dumps(rec) + "\n"); r.log.flush()
+
+
+def export(r: Training) -> Path:
+    """The adapter as a teacher checkpoint, then measured on every task. Trained on one task: a
+    teacher of that task; on several: task "joint" (this run) or "cascade" (--init from another
+    task's adapter), which distill.py refuses as a teacher."""
+    cfg, policy, ckpt = r.cfg, r.policy, r.out / "checkpoint"
+    seen = list(dict.fromkeys(r.init_tasks + r.tasks))
+    label = seen[0] if len(seen) == 1 else "joint" if len(r.tasks) > 1 else "cascade"
+    meta = {"role": "teacher", "task": label} | ({"tasks": seen} if label in MULTITASK else {}) | {"cfg": r.g_eval,
+            "trained": {"algorithm": cfg.algo, "minutes": round((r.before + time.time() - r.t0) / 60, 2),
+                        "iterations": r.done,
+                        "config": {k: v for k, v in r.conf.items() if k not in ("out", "export", "base", "fresh", "run")}
+                        | {"rollout_cfg": r.g}}}
+    if r.watch:                                                # the summary a mean would hide
+        recs = [json.loads(l) for l in (r.out / "log.jsonl").read_text().splitlines() if l.strip()]
+        every = [x["kept"] for x in recs if x.get("task") == "geneval" and "kept" in x]      # the whole run's
+        meta["geneval_diagnostics"] = geneval_record(E.geneval_diagnostics(policy, cfg.eval_small, r.g_eval), r.base_diag,
+                                                     every) | {"base": r.base_diag, "n": len(E.eval_prompts("geneval", "train", cfg.eval_small))}
+    runs.save_adapter(policy, "teacher", ckpt, meta)
     final_eval(cfg, ckpt, meta, f"teacher {label} ({cfg.algo})")
     return ckpt
 

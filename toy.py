@@ -1,58 +1,35 @@
 """The toy world: three tasks that mirror the paper's, and a renderer of ground truth.
 
-DiffusionOPD (Sec. 4, Table 1) distils three specialist teachers - GenEval
-(composition), OCR (text rendering) and aesthetics (human preference) - into one
-student. This file is the embedded, laptop-sized stand-in for that world:
+DiffusionOPD (Sec. 4, Table 1) distils three specialist teachers - GenEval (composition), OCR
+(text rendering) and aesthetics (human preference) - into one student. This file is the
+laptop-sized stand-in for that world:
 
-  * `geneval`  - coloured squares and triangles on a plain background. Prompts follow
-                 GenEval's categories: single object ("a square"), colours ("a green
-                 triangle"), counting ("three blue squares"), two objects / colour
-                 attribution ("a red square and a blue triangle") and position ("a red
-                 square left of a blue triangle", also right of / above / below).
-  * `ocr`      - a light sign with two dark glyphs: `a sign that says "K5"`
-                 (Flow-GRPO's OCR prompts ask for a quoted string in the same way).
-  * `aesthetic`- open scene prompts ("a misty forest at dawn"): sky, ground or sea,
-                 sun or moon, trees or mountains, coloured by the prompt's words.
+  * `geneval`  - coloured squares and triangles on a plain background, in GenEval's categories:
+                 single object, colours, counting, two objects / colour attribution, position
+                 ("a red square left of a blue triangle", also right of / above / below).
+  * `ocr`      - a light sign with two dark glyphs: `a sign that says "K5"` (as Flow-GRPO's OCR prompts).
+  * `aesthetic`- open scene prompts ("a misty forest at dawn"), coloured by the prompt's words.
 
-`render(prompt, rng)` draws a ground-truth 32x32 image for ANY prompt of the three
-tasks; it is the pretraining data of the tiny base model (bottom of this file).
-`prompts(task, split)` gives fixed train / held-out test sets; the test sets hold
-combinations never seen in training. `parse(prompt)` turns a prompt into the spec that
-rewards.py checks.
+`render(prompt, rng)` draws a ground-truth 32x32 image for ANY prompt of the three tasks: the
+pretraining data of the tiny base (bottom of this file). `prompts(task, split)` gives fixed train /
+held-out sets, the held-out ones of combinations never seen in training; `parse(prompt)` gives the
+spec rewards.py checks. Why 32 px, fixed object slots, squares and triangles, four far-apart hues
+and these 12 glyphs: docs/experiments.md, "Why the toy world looks the way it does".
 
-Run:
     python toy.py                  # pretrain: 14.6 min on 2 cores -> runs/toy/checkpoint
-    python toy.py --export base    # ship the finished run's checkpoint to base/ (documented export)
-    python evaluate.py runs/toy/checkpoint      # its scores, both tables (~3 min)
-
-Why it looks the way it does (measured on a 2-core CPU with throwaway probes):
-  * 32 px: the smallest size at which two glyphs stay legible to PP-OCR.
-  * CANONICAL layouts (every object has a fixed slot; only a +-1 px jitter): a ~2M
-    parameter model learns fixed layouts in minutes and random layouts not at all.
-  * square vs triangle (not circle): at 32 px a tiny model draws circles and squares
-    alike (fill ratios 0.71 vs 0.83); a triangle fills half its box, a square all of it.
-  * four plain saturated colours whose hues are far apart, on a near-grey background,
-    so a hue-based detector (rewards.py) cannot confuse object and background.
-  * 12 glyphs "ABGHKMPRX245": picked by reading all 2-glyph strings of 30 candidates
-    with PP-OCR (jitter, blur 0.6-0.9 px, noise); this set read >= 99.3% exactly. The
-    rest were dropped for confusions (O/0, I/1, S/5/$, Z/2, D/O, V/Y, T, L, J, 7).
+    python toy.py --export base    # ship the finished run's checkpoint to base/
+    python evaluate.py runs/toy/checkpoint      # its scores, both tables
 
 Deliberate deviations from the paper:
-  1. Images are tiny synthetic pictures, not 512 px photographs; the GenEval "objects"
-     are two shapes in four colours, the OCR strings are two glyphs.
-  2. GenEval's single-object category has only two prompts here ("a square", "a
-     triangle"); they stay in training. The test set's nearest equivalent is "colours".
-  3. The prompt vocabulary is closed (40 lower-case words, 12 glyphs, the double
-     quote) so a character-level tokenizer can spell held-out strings.
-  4. The GenEval test set (70 prompts: 2 colours, 8 counting, 12 two-object, 48
-     position) leans on position far more than GenEval's (18%): holding out whole
-     object pairings takes all their relations with them. Per-category scores come
-     from parse(p)["category"].
-  5. Caption noise: 45% of geneval captions in pretraining are confusable(prompt) (opposite
-     relation, swapped colours, count +-1, another colour), standing in for noisy web captions.
-     Without it the base scored GenEval 0.99 (nothing for RL to fix); with it, 0.27 on its
-     training prompts (other worlds tried: docs/experiments.md).
-  6. Time sampling: half uniform, half SD3's logit-normal (see pretrain()).
+  1. Tiny synthetic pictures, not 512 px photographs: two shapes in four colours, two-glyph strings.
+  2. GenEval's single-object category has two prompts here ("a square", "a triangle"), in training.
+  3. A closed vocabulary (40 lower-case words, 12 glyphs, the double quote), so a character-level
+     tokenizer can spell held-out strings.
+  4. The GenEval test set (70 prompts, 48 of them position; parse(p)["category"]) leans on position
+     far more than GenEval's (18%): holding out whole object pairings takes all their relations.
+  5. Caption noise: 45% of geneval captions in pretraining are confusable(prompt), as noisy web
+     captions; without it the base scored GenEval 0.99, leaving RL nothing to fix.
+  6. Time sampling: half uniform, half SD3's logit-normal (pretrain()).
 """
 import dataclasses
 import functools

@@ -98,7 +98,7 @@ def _make_teacher(base, out, task, seed, cfg=None, rank=4):
     with torch.no_grad():
         for k, p in pol.adapter_params("t").items():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
-    pol.save_adapter("t", out, {"role": "teacher", "task": task, "cfg": cfg or pol.guidance})
+    runs.save_adapter(pol, "t", out, {"role": "teacher", "task": task, "cfg": cfg or pol.guidance})
     return out
 
 
@@ -204,7 +204,7 @@ def _lora_config():
 
 def _perturb_lora_b(policy, name, seed):
     """Random lora_B (fresh LoRA has B = 0, a no-op). Values are float32-representable, so
-    save_adapter's float32 file reloads them bit-exactly into a float64 policy."""
+    runs.save_adapter's float32 file reloads them bit-exactly into a float64 policy."""
     gen = torch.Generator().manual_seed(seed)
     n = 0
     for k, p in policy.adapter_params(name).items():
@@ -230,7 +230,7 @@ def lora_ckpts(sd3_dir, tmp_path_factory):
             ref[f"{name}_fresh"] = v()
             _perturb_lora_b(pol, name, seed)
             ref[name] = v()
-            pol.save_adapter(name, root / f"teacher_{name}", {"role": "teacher", "task": name, "cfg": 1.0})
+            runs.save_adapter(pol, name, root / f"teacher_{name}", {"role": "teacher", "task": name, "cfg": 1.0})
     return {"root": root, "ref": ref, "ocr": root / "teacher_ocr", "geneval": root / "teacher_geneval"}
 
 
