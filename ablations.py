@@ -2,26 +2,27 @@
 
 Each ablation is a distill.Variant passed into distill.run, which is otherwise unchanged:
 
-  * --estimator ppo | reinforce (Sec. 3.3, Eq. 16-23: closed form vs policy gradient; needs a > 0,
-    an ODE step has no density). ppo: the teacher as a process reward, advantage -KL_j (not
-    detached), PPO-clip surrogate with the density ratio of the rollout's own next state; with one
-    step per rollout rho = 1 and grad = grad KL_j + KL_j grad log pi (Eq. 19): the closed form plus
-    zero-mean noise (Eq. 20-23). reinforce: LLM OPD's route, the sampled log-ratio log p_S - log p_T
-    (detached) times the score. Both equal the closed-form gradient in expectation (estimator_loss
-    gives the scaling for mean-over-dimension log-probs); estimator_gradients measures their spread.
-  * --objective sft: the off-policy baseline of the ablation "distillation objective" (same
-    teachers, prompts and budget): each round, per task, the TEACHER samples the round's prompts
-    from the round's initial noise (its ODE down the same grid, its own CFG: teacher_samples), and
-    the student is trained by flow matching on those clean images (sft_task): x_t = (1 - t) x_data
-    + t eps, loss = mean ||v_S(x_t, t) - (eps - x_data)||^2 under the student's CFG, t uniform
-    within a uniformly drawn trained grid step. Tasks are plainly averaged (no --balance); the log
-    has sft_loss_<task> instead of kl_<task>.
+  * --estimator ppo | reinforce (Sec. 3.3, Eq. 16-23; needs a > 0: an ODE step has no density).
+    ppo: advantage -KL_j (not detached) in a PPO-clip surrogate, rho = 1 on the fresh rollout, so
+    grad = grad KL_j + KL_j grad log pi (Eq. 19-23); reinforce: LLM OPD's detached sampled log-ratio
+    times the score. Both unbiased (estimator_loss); estimator_gradients measures their spread.
+  * --objective sft: off-policy baseline of the "distillation objective" ablation: per task, the
+    TEACHER's ODE samples from the round's noise (teacher_samples); the student flow-matches them
+    (sft_task), t uniform within a uniformly drawn trained step. Log: sft_loss_<task>.
+  * --objective dmd: DMD in DMD2's form on the student's final sample (its ODE rollout with
+    gradient through every step): re-noised at t ~ U[.02, .98], g = (x0_hat_fake - x0_hat_real) /
+    mean|x0 - x0_hat_real|, loss 0.5 MSE(x0, sg(x0 - g)); a fake score per task (a LoRA from its
+    teacher) flow-matches the detached samples, 5 updates per student step. Log: dmd_loss_<task>.
+  * --objective tdm: TDM - per sample one student step with gradient from a no-grad rollout's x_i;
+    x_{i+1} re-noised only within [t_{i+1}, t_i), DMD's g pushed into the step's x0_hat; the fake
+    learns the student's intermediate marginals (fake_loss). Log: tdm_loss_<task>.
+    sft, dmd and tdm average the tasks plainly (--balance does nothing); dmd / tdm refuse a > 0.
   * --probe-every N: probe_kl_<task> in the log, Eq. 12 on a fixed probe set of the student's ODE
-    rollouts (probe_kl), the same states for every --seed, --noise-level and --estimator.
+    rollouts (probe_kl), the same states for every --seed, --noise-level, --estimator, --objective.
 
     python ablations.py --noise-level 0.7 --estimator ppo --probe-every 5 --out runs/distill-ppo
-    python ablations.py --noise-level 0.7 --probe-every 5 --out runs/distill-a0.7   # noise-level study
     python ablations.py --objective sft --out runs/distill-sft
+    python ablations.py --objective dmd --probe-every 5 --out runs/distill-dmd     # or tdm
 
 Every flag of distill.py applies; python experiments.py runs the studies and renders their tables.
 """
@@ -45,7 +46,7 @@ from runs import arg
 class AblationConfig(D.DistillConfig):
     out: str = arg("runs/ablation", "run folder: created with its config; re-running the same command resumes it")
     estimator: str = arg("closed", "per-step gradient (Sec. 3.3): closed = Eq. 11/12; ppo = PPO-clip surrogate, advantage -KL_j; reinforce = sampled log-ratio; ppo/reinforce need --noise-level > 0", "in closed|ppo|reinforce")
-    objective: str = arg("opd", "opd: DiffusionOPD; sft: the off-policy baseline, flow matching on teacher samples (--balance does nothing)", "in opd|sft")
+    objective: str = arg("opd", "opd: DiffusionOPD; sft: the off-policy baseline, flow matching on teacher samples; dmd / tdm: distribution matching on the student's final / intermediate samples (--balance does nothing for sft, dmd, tdm)", "in opd|sft|dmd|tdm")
     probe_every: int = arg(0, "log probe_kl_<task> (Eq. 12 on fixed probe ODE rollouts, comparable across runs) at rounds 0, N, 2N, ... and the end (0: off)", ">= 0")
 
 
@@ -231,15 +232,233 @@ def sft_step(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: torc
                     n_global=ch.n_global, local=ch.local, bf16=ch.bf16)
 
 
+# ------------------------------------------------------------------------------------
+# --objective dmd | tdm: the distribution-matching baselines of the objective ablation
+# ------------------------------------------------------------------------------------
+# Both match a student distribution to the teacher's through a FAKE score (a LoRA on the backbone,
+# initialised as the task's teacher, trained online on the student's detached samples) against the
+# REAL one (the teacher, its own CFG). In x_data form (sampler section 4) the score difference is
+#   x0_hat_fake - x0_hat_real = -t (v_fake - v_real) = t^2 / (1 - t) (s_fake - s_real),
+# so DMD's KL gradient E[(s_fake - s_real) dx_t/dtheta] is E[g dx0/dtheta] up to a positive factor
+# of t (test_opd.py checks the exact multiples). Every departure from the published methods:
+# docs/experiments.md, "Distillation objectives: DMD and TDM".
+DM_T = (0.02, 0.98)     # DMD / DMD2: noise levels t ~ U[0.02, 0.98] (their min / max step 20 / 980 of 1000)
+# Fake updates per task per round (the student takes ONE step per round) and the fake's lr as a
+# multiple of --lr. dmd: DMD2's two-time-scale rule, which replaced DMD's regression loss as what
+# keeps it stable - the fake must track the CURRENT student, so it is updated several times per
+# student step (DMD2: 5 in its text-to-image runs, with one lr for both). tdm: its demo's own
+# schedule, one fake update per student update with the fake's lr 5x the student's.
+FAKE_STEPS = {"dmd": 5, "tdm": 1}
+FAKE_LR = {"dmd": 1.0, "tdm": 5.0}
+
+
+def _rand(gen: torch.Generator, ch: D.Chain, n: int) -> torch.Tensor:
+    """U[0, 1) for the global batch (float64, CPU), this process's rows: any process count, one run."""
+    return torch.rand(ch.n_global or n, generator=gen, dtype=torch.float64)[ch.local]
+
+
+def _randn(gen: torch.Generator, ch: D.Chain, like: torch.Tensor) -> torch.Tensor:
+    return torch.randn((ch.n_global or len(like), *like.shape[1:]), generator=gen)[ch.local].to(like)
+
+
+def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:                # (B,) -> (B, 1, 1, 1), x's dtype
+    return t.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1))
+
+
+def dm_gradient(x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample gradient on the sample, unnormalised: x0_hat_fake - x0_hat_real (= t^2 / (1 - t)
+    (s_fake - s_real) at the noised sample: DMD's KL gradient, in DMD2's x_data form). No gradient."""
+    return (x0_fake - x0_real).detach()
+
+
+def dm_normaliser(x: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """DMD2's normaliser, per sample: mean over dims of |x - x0_hat_real| (DMD's weight without its
+    (1 - t) factor, as DMD2's code), shaped to divide g. No gradient."""
+    return (x - x0_real).detach().abs().flatten(1).mean(1).view(-1, *[1] * (x.dim() - 1))
+
+
+def dm_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DMD2's student loss 0.5 MSE(x, sg(x - g)), a mean over batch and dims: value 0.5 mean g^2,
+    gradient g / x.numel() on x - the surrogate that injects g into the sample's backward."""
+    return 0.5 * (x - (x - g).detach()).pow(2).mean()
+
+
+def renoise_coefs(s: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, c) of the forward kernel q(x_tau | x_s) = N(r x_s, c^2 I), s <= tau (TDM's add_noise from
+    an intermediate time): r = (1 - tau) / (1 - s), c^2 = tau^2 - r^2 s^2, so that r (1 - s) = 1 - tau
+    and r^2 s^2 + c^2 = tau^2 - the marginal of x_s = (1 - s) x_data + s eps goes to the one at tau."""
+    r = (1 - tau) / (1 - s)                                          # TDM's kernel: mean coefficient
+    return r, (tau * tau - (r * s) ** 2).clamp_min(0).sqrt()         # TDM's kernel: std
+
+
+def renoise(x_s: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    r, c = renoise_coefs(s, tau)
+    return _bt(r, x_s) * x_s + _bt(c, x_s) * eps                     # x_tau = r x_s + c eps
+
+
+def fake_loss(v: torch.Tensor, x_tau: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The fake score's loss: denoising score matching for q(x_tau | x_s) (target score -eps / c, in
+    velocity form v* = sampler.velocity_from_score(x_tau, -eps / c, tau) = (tau eps / c - x_tau) /
+    (1 - tau)) weighted by (c / tau)^2: mean over batch and dims of (c / tau)^2 (v - v*)^2. Its
+    minimiser's score is that of the student's marginal at s noised to tau. At s = 0 (a clean sample:
+    DMD) c = tau and v* = eps - x_s: plain flow matching, the loss the teachers were trained with."""
+    r, c = renoise_coefs(s, tau)
+    c_b, tau_b = _bt(c, x_tau), _bt(tau, x_tau)
+    v_star = S.velocity_from_score(x_tau, -eps / c_b, tau_b.flatten())   # the DSM target, velocity form
+    return ((c_b / tau_b) * (v - v_star)).pow(2).mean()
+
+
+def real_fake_x0(policy: S.Policy, task: str, x_t: torch.Tensor, t: torch.Tensor, cond: dict, ch: D.Chain):
+    """x0_hat_real (teacher `task`, its own CFG) and x0_hat_fake (fake_<task>, conditional: guidance 1,
+    as DMD2's fake) at (x_t, t), t (B,): x0_hat = x_t - t v (sampler.data_from_velocity). No gradient."""
+    amp = torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
+    tt = t.to(x_t.device, x_t.dtype)
+    with torch.no_grad(), amp:
+        policy.use(task)
+        v_r = policy.velocity(x_t, tt, cond, ch.g_teacher[task])
+        policy.use(f"fake_{task}")
+        v_f = policy.velocity(x_t, tt, cond, 1.0)
+    policy.use("student")
+    return S.data_from_velocity(x_t, v_r, tt), S.data_from_velocity(x_t, v_f, tt)
+
+
+def fake_update(policy: S.Policy, task: str, opt: torch.optim.Optimizer, cond: dict, draw, gen: torch.Generator,
+                ch: D.Chain, steps: int) -> float:
+    """`steps` AdamW steps of fake_<task> on fake_loss: draw() -> (x_s, s, tau) gives student states at
+    times s (B,) and a noise level tau >= s each; eps ~ N(0, I) fresh. The states are DETACHED here, so
+    the fake's backward cannot reach the student; with several processes the fake's gradients are
+    averaged. Returns the last fake loss (0.0 for steps = 0). The student is left active."""
+    amp = torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
+    params = list(policy.adapter_params(f"fake_{task}").values())
+    loss = torch.zeros(())
+    policy.use(f"fake_{task}")
+    for _ in range(steps):
+        x_s, s, tau = draw()
+        x_s = x_s.detach()                                               # no gradient into the student
+        eps = _randn(gen, ch, x_s)
+        x_tau = renoise(x_s, eps, s, tau)                                # q(x_tau | x_s); s = 0: sampler.noised
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            v = policy.velocity(x_tau, tau.to(x_s.device, x_s.dtype), cond, 1.0)
+        loss = fake_loss(v.to(x_s.dtype), x_tau, eps, s, tau)
+        loss.backward()
+        runs.process_mean_grads([p for p in params if p.grad is not None])   # data parallel: one fake
+        opt.step()
+    policy.use("student")                                                # before the round goes on
+    return float(loss.detach())
+
+
+def dmd_step(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: torch.Generator, ch: D.Chain, *,
+             fake_opt: torch.optim.Optimizer, fake_steps: int) -> float:
+    """--objective dmd, one task's share of a round (DMD in DMD2's form). The student's own ODE
+    rollout from x down the whole grid at its CFG, WITH gradient through every step, gives x0; its
+    detached copy is re-noised at t ~ U[0.02, 0.98]; g = dm_gradient / dm_normaliser at (x_t, t);
+    dm_loss(x0, g) is backpropagated through the chain (exact: 10 steps of the student's graph held
+    at once - the memory of 10 student forwards, ~2x a rollout's compute for the backward; at real
+    scale --grad-checkpointing). Then fake_<task> takes `fake_steps` flow-matching steps on the
+    detached x0. Returns the loss (0.5 mean g^2)."""
+    amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
+    # ---- 1. the student's ODE rollout (a = 0) with gradient through every step ----
+    policy.use("student")
+    x0 = x
+    for j in range(len(ch.grid) - 1):
+        t, t_next = float(ch.grid[j]), float(ch.grid[j + 1])
+        with amp():
+            v = policy.velocity(x0, t, cond, ch.g_student)
+        x0 = S.step_mean(x0, v, t, t_next, 0.0)                          # Eq. 7 at a = 0: x_{j+1} = x_j + dt v
+    # ---- 2. re-noise the detached sample: x_t = (1 - t) sg(x0) + t eps, t ~ U[0.02, 0.98] (DMD) ----
+    t = DM_T[0] + (DM_T[1] - DM_T[0]) * _rand(gen, ch, len(x))
+    x_t = S.noised(x0.detach(), _randn(gen, ch, x0), t.to(x0.device, x0.dtype))
+    # ---- 3. real vs fake at (x_t, t): DMD's gradient, DMD2's normaliser, no gradient ----
+    x0_real, x0_fake = real_fake_x0(policy, task, x_t, t, cond, ch)
+    g = dm_gradient(x0_fake, x0_real) / dm_normaliser(x0, x0_real)
+    # ---- 4. the student's loss, backpropagated through the whole rollout (student active: see distill_task) ----
+    loss = dm_loss(x0, g)
+    loss.backward()
+    # ---- 5. the fake score tracks the student: flow matching on its detached samples (s = 0) ----
+    zero = torch.zeros(len(x), dtype=torch.float64)
+    fake_update(policy, task, fake_opt, cond,
+                lambda: (x0, zero, DM_T[0] + (DM_T[1] - DM_T[0]) * _rand(gen, ch, len(x))), gen, ch, fake_steps)
+    return float(loss.detach())
+
+
+def tdm_step(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: torch.Generator, ch: D.Chain, *,
+             fake_opt: torch.optim.Optimizer, fake_steps: int) -> float:
+    """--objective tdm, one task's share of a round (TDM). The student's ODE rollout without gradient;
+    per sample a trained step i < n_train uniformly and ONE student step with gradient from x_i:
+    x0_hat_i = x_i - t_i v, x_{i+1} = (1 - t_{i+1}) x0_hat_i + t_{i+1} eps_hat_i (DDIM form = the Euler
+    step). x_{i+1} is matched to the teacher's marginal at t_{i+1} (its ODE keeps the data's marginals)
+    through a reverse KL noised only within its step's interval: tau = t_{i+1} + u (t_i - t_{i+1}),
+    u ~ U[0.02, 0.98], x_tau ~ q(x_tau | sg(x_{i+1})) (renoise); g = dm_gradient / dm_normaliser with
+    TDM's normaliser mean |x0_hat_i - x0_hat_real|, and g is pushed into x0_hat_i: dm_loss(x0_hat_i, g).
+    Since dx0_hat_i = (t_i / |dt_i|) dx_{i+1}, that is g on x_{i+1} rescaled by t_i / |dt_i| per step.
+    Then fake_<task> (one per task; tau tells the steps apart) takes `fake_steps` steps of fake_loss
+    on the rollout's detached states x_{i'+1} at fresh i', tau' in the same way. Returns the loss."""
+    amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
+    grid, n, rows = ch.grid, len(x), torch.arange(len(x))
+    # ---- 1. the student's ODE rollout (a = 0), no gradient: states (N + 1, B, ...) ----
+    policy.use("student")
+    with amp():
+        states = S.rollout(policy, cond, x, grid, 0.0, ch.g_student)["states"].to(x.dtype)
+    # ---- 2. a trained step per sample, and ONE student step with gradient ----
+    i = (_rand(gen, ch, n) * ch.n_train).long()                          # uniform over j < n_train
+    t_i, s = grid[i], grid[i + 1]                                        # (B,) float64: t_i > s = t_{i+1}
+    x_i, tt = states[i, rows], t_i.to(x.device, x.dtype)
+    with amp():
+        v = policy.velocity(x_i, tt, cond, ch.g_student)
+    x0_i = S.data_from_velocity(x_i, v, tt)                             # x0_hat_i = x_i - t_i v
+    x_next = S.noised(x0_i, S.noise_from_velocity(x_i, v, tt), s.to(x.device, x.dtype))   # = x_i + dt_i v
+    # ---- 3. re-noise x_{i+1} within its interval: tau in [t_{i+1}, t_i) (TDM) ----
+    tau = s + (t_i - s) * (DM_T[0] + (DM_T[1] - DM_T[0]) * _rand(gen, ch, n))
+    x_tau = renoise(x_next.detach(), _randn(gen, ch, x), s, tau)
+    # ---- 4. real vs fake at (x_tau, tau), g pushed into the step's x0_hat (student active) ----
+    x0_real, x0_fake = real_fake_x0(policy, task, x_tau, tau, cond, ch)
+    g = dm_gradient(x0_fake, x0_real) / dm_normaliser(x0_i, x0_real)
+    loss = dm_loss(x0_i, g)
+    loss.backward()
+    # ---- 5. the fake score: the student's intermediate states x_{i'+1}, tau' in [t_{i'+1}, t_i') ----
+    def draw():
+        j = (_rand(gen, ch, n) * ch.n_train).long()
+        u = DM_T[0] + (DM_T[1] - DM_T[0]) * _rand(gen, ch, n)
+        return states[j + 1, rows], grid[j + 1], grid[j + 1] + (grid[j] - grid[j + 1]) * u
+    fake_update(policy, task, fake_opt, cond, draw, gen, ch, fake_steps)
+    return float(loss.detach())
+
+
+def dm_setup(objective: str, policy: S.Policy, tasks: list, by_task: dict, cfg) -> tuple:
+    """distill.Variant.setup of --objective dmd | tdm, once, after the student exists: a fake score
+    fake_<task> per task, loaded from the task's teacher (DMD, DMD2, TDM initialise the fake as the
+    real score), trainable, and one AdamW over them all (the run's betas and weight decay; lr
+    FAKE_LR x --lr). Returns (task_step, {"fake": their weights}, that AdamW): resumed with the student."""
+    keep = [p for p in policy.net.parameters() if p.requires_grad]     # add_adapter freezes every weight
+    fakes = []
+    for t in tasks:
+        policy.add_adapter(f"fake_{t}", by_task[t])
+        fakes += list(policy.adapter_params(f"fake_{t}").values())
+    for p in keep + fakes:
+        p.requires_grad_(True)
+    policy.use("student")
+    opt = torch.optim.AdamW(fakes, lr=FAKE_LR[objective] * cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
+    step = {"dmd": dmd_step, "tdm": tdm_step}[objective]                 # read at setup (tests patch them)
+    return functools.partial(step, fake_opt=opt, fake_steps=FAKE_STEPS[objective]), {"fake": fakes}, opt
+
+
 def variant(cfg: AblationConfig) -> D.Variant:
     """The Variant of Algorithm 1 that cfg asks for; bad combinations: CheckpointError."""
     if cfg.estimator not in ESTIMATORS:                          # the parser checks it too; this is an API
         raise runs.CheckpointError(f"--estimator {cfg.estimator!r}: must be one of {'|'.join(ESTIMATORS)}")
+    if cfg.objective in ("dmd", "tdm") and cfg.estimator != "closed":
+        raise runs.CheckpointError(f"--estimator {cfg.estimator}: --objective {cfg.objective} has its own distribution-"
+                                   "matching gradient, no per-step KL to estimate; drop --estimator")
+    if cfg.objective in ("dmd", "tdm") and cfg.noise_level > 0:
+        raise runs.CheckpointError(f"--noise-level {cfg.noise_level}: --objective {cfg.objective} rolls the student out "
+                                   "with its ODE sampler (a = 0), as DMD / TDM students sample; drop --noise-level")
     if cfg.estimator != "closed" and cfg.noise_level <= 0:
         raise runs.CheckpointError(f"--estimator {cfg.estimator}: needs --noise-level > 0 (e.g. 0.7): an ODE step (a = 0) "
                                    "has no density, so no ratio or score (Sec. 3.3); use --estimator closed")
-    if cfg.objective not in ("opd", "sft"):
-        raise runs.CheckpointError(f"--objective {cfg.objective!r}: must be opd (DiffusionOPD) or sft (the off-policy baseline)")
+    if cfg.objective not in ("opd", "sft", "dmd", "tdm"):
+        raise runs.CheckpointError(f"--objective {cfg.objective!r}: must be opd (DiffusionOPD), sft (the off-policy "
+                                   "baseline), dmd or tdm (distribution matching)")
     if cfg.objective == "sft" and cfg.noise_level > 0:
         raise runs.CheckpointError(f"--noise-level {cfg.noise_level}: --objective sft trains on the teachers' ODE samples "
                                    "and rolls nothing out; drop --noise-level")
@@ -248,6 +467,15 @@ def variant(cfg: AblationConfig) -> D.Variant:
     if cfg.objective == "sft":
         return D.Variant(sft_step, "sft_loss", balance=False, algorithm="SFT baseline",
                          loss="flow matching on the teachers' ODE samples, plain task mean (no balance)", **probe)
+    if cfg.objective in ("dmd", "tdm"):
+        return D.Variant({"dmd": dmd_step, "tdm": tdm_step}[cfg.objective], f"{cfg.objective}_loss", balance=False,
+                         algorithm=f"{cfg.objective.upper()} baseline", setup=functools.partial(dm_setup, cfg.objective),
+                         loss={"dmd": "DMD2's normalised distribution-matching gradient on the student's final ODE "
+                                      "samples, backpropagated through the rollout",
+                               "tdm": "TDM's distribution matching of the student's intermediate states, one step "
+                                      "with gradient"}[cfg.objective]
+                         + f"; a fake score per task, {FAKE_STEPS[cfg.objective]} fake update(s) per task per round "
+                           f"at {FAKE_LR[cfg.objective]:g}x --lr; plain task mean (no balance)", **probe)
     if cfg.estimator == "closed":
         return D.Variant(**probe)
     sde = "Eq. 11 (SDE)"

@@ -45,12 +45,13 @@ import sampler as S
 import multitask as M
 
 HERE = Path(__file__).resolve().parent
-STUDIES = ("table1", "noise", "estimators", "sft")   # in this order: later studies reuse earlier runs
+STUDIES = ("table1", "noise", "estimators", "sft", "objectives")   # in this order: later studies reuse earlier runs
+OBJECTIVES = ("sft", "dmd", "tdm")      # the objective study's rivals of DiffusionOPD (ablations.py --objective)
 
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    only: str = arg("all", "run one study only, or all of them", "in all|table1|noise|estimators|sft")
+    only: str = arg("all", "run one study only, or all of them", "in all|table1|noise|estimators|sft|objectives")
     teachers: list = arg([], "the teacher folders (default: every folder in ckpts/)")
     out: str = arg("runs/experiments", "where the studies' run folders go (each resumable)")
     docs: str = arg("docs/studies", "where each study's results JSON and figure are written")
@@ -228,7 +229,7 @@ def study_noise(cfg: ExperimentConfig) -> dict:
 
 def gradient_spread(cfg: ExperimentConfig, student: Path, levels=(0.3, 0.7, 1.0)) -> dict:
     """Per task, noise level and estimator: the trace of the across-rollout covariance of each step's
-    gradient and the mean gradient's norm (distill.estimator_gradients), at ONE student's weights
+    gradient and the mean gradient's norm (ablations.estimator_gradients), at ONE student's weights
     (`student`: the a = 0 run's), 2 fixed prompts, fresh initial and SDE noise per rollout - the
     same draws for every estimator. Kept in --out/variance.json, keyed by the weights and sizes."""
     steps = 3 if cfg.quick else 10
@@ -311,10 +312,82 @@ def study_sft(cfg: ExperimentConfig) -> dict:
     return res
 
 
+def train_minutes(run: Path) -> float:
+    """A Stage 2 run's training minutes (probes and evaluations not counted: distill.rounds), from
+    its resume state; a run without that record: its checkpoint's wall-clock minutes."""
+    st = run / "state.json"
+    t = json.loads(st.read_text()).get("train_s") if st.is_file() else None
+    return t / 60 if t else minutes_of(run / "checkpoint")
+
+
+def study_objectives(cfg: ExperimentConfig) -> dict:
+    """The paper's distillation-objective ablation: off-policy SFT, DMD and TDM (on the student's
+    own samples, each with its own gradient: ablations.py) and DiffusionOPD, with the same teachers,
+    prompts and TRAINING TIME - the main job's run (a0-s0) sets the budget, the others train for as
+    long (--minutes), however many rounds that is. Per run: small-eval rewards and probe KLs against
+    training minutes; the final tables, each task paired against DiffusionOPD on the same images."""
+    tasks = [t for t in R.toy.TASK_NAMES if any(runs.read_meta(p).get("task") == t for p in cfg.teachers)]
+    opd = opd_run(cfg, "a0-s0")
+    budget = train_minutes(opd)
+    by_name = {"DiffusionOPD": opd}
+    res = {"tasks": tasks, "budget_minutes": budget, "runs": {}}
+    for obj in OBJECTIVES:
+        write_results(cfg, "objectives", res)                      # the results JSON grows run by run
+        by_name[obj.upper()] = opd_run(cfg, f"{obj}-time-s0", objective=obj, minutes=budget, rounds=1_000_000)
+    ref = scores_of(cfg, opd / "checkpoint")
+    for name, run in by_name.items():
+        log, sc = log_of(run), scores_of(cfg, run / "checkpoint")
+        done = max((r["round"] for r in log if "grad_norm" in r), default=-1) + 1
+        per_round = train_minutes(run) / max(done, 1)              # training minutes per round (~constant)
+        res["runs"][name] = run_summary(run, tasks) | {
+            "train_minutes": train_minutes(run), "rounds_done": done, "minutes_per_round": per_round,
+            "evals": [{"minutes": (r["round"] + 1) * per_round, **{t: r[f"eval_{t}"] for t in tasks if f"eval_{t}" in r}}
+                      for r in log if any(f"eval_{t}" in r for t in tasks)],
+            "vs_opd": {split: {t: E.paired(sc[split][t], ref[split][t]) for t in tasks}
+                       for split in ("train", "test") if split in sc and split in ref}}
+    write_results(cfg, "objectives", res)
+    figure_objectives(cfg, res)
+    return res
+
+
+def figure_objectives(cfg: ExperimentConfig, res: dict) -> Path:
+    """docs/studies/objectives.png, the paper's objective figure in miniature: per task, the small-eval
+    reward (top) and the KL to the teacher on the probe states (bottom) against training minutes,
+    one line per objective."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = res["tasks"]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(3.4 * len(tasks), 5.6), squeeze=False)
+    for name, v in res["runs"].items():
+        ev = v["evals"]
+        kl = np.array(v["probe_kl"]).reshape(len(v["rounds"]), -1)
+        for m, t in enumerate(tasks):
+            pts = [(e["minutes"], e[t]) for e in ev if t in e]
+            if pts:
+                axes[0, m].plot(*zip(*pts), "o-", ms=3, label=name)
+            if len(v["rounds"]):
+                axes[1, m].plot([r * v["minutes_per_round"] for r in v["rounds"]], kl[:, m], "o-", ms=3, label=name)
+    for m, t in enumerate(tasks):
+        axes[0, m].set(title=f"{t}: small-eval reward", xlabel="training minutes")
+        axes[1, m].set(title=f"{t}: KL to its teacher (probe states)", xlabel="training minutes", yscale="log")
+        for a in axes[:, m]:
+            a.title.set_fontsize(8)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    f = Path(cfg.docs) / "objectives.png"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(f.with_suffix(".tmp.png"), f)
+    return f
+
+
 def render_study(study: str, res: dict) -> str:
-    """A study's table in markdown, from its results JSON (docs/experiments.md shows exactly this;
-    table1: minutes, mean +- std over seeds (paired difference to the base), GenEval's per-tag
-    accuracies, then the held-out table and its tags as evaluate.py draws them)."""
+    """A study's table in markdown, from its results JSON (docs/experiments.md, "The paper's
+    studies", shows exactly this; table1: minutes, mean +- std over seeds (paired difference to the
+    base), GenEval's per-tag accuracies, then the held-out table and its tags as evaluate.py draws
+    them)."""
     if study == "table1":                                        # E.render_table plus minutes (and seeds' std)
         cols = [t for t in R.toy.TASK_NAMES if all(t in r["scores"] for r in res["rows"])]
         out = "| Model | minutes | " + " | ".join(R.TASKS[c].metric for c in cols) + " | Average |\n|" + "---|" * (3 + len(cols)) + "\n"
@@ -346,6 +419,16 @@ def render_study(study: str, res: dict) -> str:
             out += (f"| {a} | {' / '.join(f3(x) for x in v['rounds_to_90pct'])} | "
                     f"{' / '.join(f3(x) for x in v['ratio_to_ode'])} | {' / '.join(f'{x:.2e}' for x in v['probe_kl'][-1])} | "
                     f"{cells(v['final'])} |\n")
+        return out.rstrip()
+    if study == "objectives":                                    # paired against DiffusionOPD, both tables
+        out = (f"Training budget {res['budget_minutes']:.2f} min each (DiffusionOPD's main-job run).\n\n"
+               + head("objective", "rounds", "final probe KL (" + " / ".join(tasks) + ")",
+                      *[f"{t} minus DiffusionOPD" for t in tasks]))
+        for name, v in res["runs"].items():
+            d = v["vs_opd"].get("train", {})
+            out += (f"| {name} | {v['rounds_done']} | {' / '.join(f'{x:.2e}' for x in v['probe_kl'][-1])} | "
+                    + " | ".join("-" if name == "DiffusionOPD" else f"{d[t][0]:+.3f} ± {d[t][1]:.3f}" for t in tasks)
+                    + f" | {cells(v['final'])} |\n")
         return out.rstrip()
     if study in ("estimators", "sft"):
         out = head("run", "final probe KL (" + " / ".join(tasks) + ")")
@@ -398,7 +481,8 @@ def main(argv=None):
     try:
         for study in (STUDIES if cfg.only == "all" else [cfg.only]):
             print(f"==== {study} ====")
-            {"table1": study_table1, "noise": study_noise, "estimators": study_estimators, "sft": study_sft}[study](cfg)
+            {"table1": study_table1, "noise": study_noise, "estimators": study_estimators, "sft": study_sft,
+             "objectives": study_objectives}[study](cfg)
             print(f"{study}: done, {(time.time() - t0) / 60:.1f} min so far -> {Path(cfg.docs) / (study + '.json')}")
     except runs.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ torch.distributions; which steps train)  2. kl_proof.ipynb executed  3. Stage 1'
 (GRPO-Guard ratio, group advantages, PPO clip, NFT loss)  4. Stage 2's gradient (fused ==
 three-pass, gradient checkpointing) and the SFT baseline's  5. the gradient estimators of
 Sec. 3.3 (formulas, Monte Carlo, clip, spread)  6. the evaluation's arithmetic (the Average,
-paired SEs, the bootstrap).
+paired SEs, the bootstrap)  7. the distribution-matching baselines DMD and TDM (the velocity /
+x_data / score identities, their gradients against the noised KL, the fake score's loss, no leaks).
 
 The models here are SD3Transformer2DModel's (SD3.5-M's block layout with one dual-attention
 layer, no qk-norm) at 16 wide and 2 layers, on 4 x 8 x 8 states, in float64, wrapped by
@@ -833,3 +834,338 @@ def test_average_difference_is_the_papers_rule_with_a_paired_bootstrap():
     want = math.sqrt(sum(per["x"]["train"][t].var() for t in tasks) / n) / len(tasks)
     assert abs(d - np.mean([per["x"]["train"][t].mean() for t in tasks])) < 1e-12
     assert abs(se / want - 1) < 0.07, f"bootstrap SE {se:.5f} vs analytic {want:.5f} (tolerance 7%)"
+
+
+# ==== 7. the distribution-matching baselines (ablations.py --objective dmd | tdm) ====
+# Oracles: 1-D Gaussians in closed form. Data (the teacher's) N(MU, SIG^2): its marginal at t is
+# N((1 - t) MU, (1 - t)^2 SIG^2 + t^2), with an exact score; the student's marginals are Gaussian
+# too (a linear student), so real and fake velocities are exact (sampler.velocity_from_score), the
+# KL between noised marginals is closed form, and expectations are Gauss-Hermite sums (exact for
+# the degree-2 polynomials integrated here).
+MU, SIG = 0.7, 0.5
+
+
+def _gauss_kl(m1, v1, m2, v2):
+    """KL(N(m1, v1) || N(m2, v2)), 1-D."""
+    return 0.5 * (torch.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / v2 - 1)
+
+
+def _gauss_velocity(x, m, var, t):
+    """The exact velocity of a flow whose marginal at t is N(m, var): from its score -(x - m) / var."""
+    return S.velocity_from_score(x, -(x - m) / var, t)
+
+
+def _hermite(n=6):
+    """Nodes (z, e) of a 2-D Gauss-Hermite rule for two independent N(0, 1), and weights (sum 1)."""
+    z, w = np.polynomial.hermite_e.hermegauss(n)
+    z, w = torch.tensor(z, dtype=F64), torch.tensor(w / w.sum(), dtype=F64)
+    return z.repeat_interleave(n), z.repeat(n), w.repeat_interleave(n) * w.repeat(n)
+
+
+def test_velocity_conversions_are_the_rectified_flow_identities():
+    """sampler section 4, float64: on x_t = (1 - t) x_data + t eps with v = eps - x_data, x_data and
+    eps come back exactly (t a float or per sample); for Gaussian data the exact velocity E[eps - x_data
+    | x_t] gives the marginal's exact score and E[x_data | x_t] (Tweedie), and velocity_from_score
+    inverts score_from_velocity."""
+    g = torch.Generator().manual_seed(0)
+    x_data, eps = torch.randn(5, 3, 4, 4, generator=g, dtype=F64), torch.randn(5, 3, 4, 4, generator=g, dtype=F64)
+    for t in (torch.rand(5, generator=g, dtype=F64), 0.37):
+        tb = t.view(-1, 1, 1, 1) if torch.is_tensor(t) else t
+        x = (1 - tb) * x_data + tb * eps
+        torch.testing.assert_close(S.data_from_velocity(x, eps - x_data, t), x_data, rtol=0, atol=1e-14)
+        torch.testing.assert_close(S.noise_from_velocity(x, eps - x_data, t), eps, rtol=0, atol=1e-14)
+    x, t = torch.linspace(-3, 3, 13, dtype=F64).view(13, 1), torch.linspace(0.05, 0.95, 13, dtype=F64)
+    tb = t.view(-1, 1)
+    var = (1 - tb) ** 2 * SIG ** 2 + tb ** 2                                   # Var x_t
+    e_data = MU + (1 - tb) * SIG ** 2 * (x - (1 - tb) * MU) / var               # E[x_data | x_t], Gaussian conditioning
+    e_eps = tb * (x - (1 - tb) * MU) / var                                      # E[eps | x_t]
+    v = e_eps - e_data
+    torch.testing.assert_close(S.score_from_velocity(x, v, t), -(x - (1 - tb) * MU) / var, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(S.data_from_velocity(x, v, t), e_data, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(S.velocity_from_score(x, S.score_from_velocity(x, v, t), t), v, rtol=1e-12, atol=1e-12)
+
+
+def test_renoise_kernel_and_fake_loss_reduce_to_the_forward_process():
+    """ablations.renoise, q(x_tau | x_s): r (1 - s) = 1 - tau and r^2 s^2 + c^2 = tau^2 (the marginal
+    at s goes to the one at tau); at s = 0 it is sampler.noised and fake_loss is plain flow matching,
+    mean (v - (eps - x_s))^2."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(64, generator=g, dtype=F64) * 0.9
+    tau = s + (1 - s) * torch.rand(64, generator=g, dtype=F64) * 0.99
+    r, c = A.renoise_coefs(s, tau)
+    torch.testing.assert_close(r * (1 - s), 1 - tau, rtol=0, atol=1e-15)
+    torch.testing.assert_close(r ** 2 * s ** 2 + c ** 2, tau ** 2, rtol=0, atol=1e-15)
+    x_s, eps, v = (torch.randn(64, 2, 3, generator=g, dtype=F64) for _ in range(3))
+    zero = torch.zeros(64, dtype=F64)
+    torch.testing.assert_close(A.renoise(x_s, eps, zero, tau), S.noised(x_s, eps, tau), rtol=0, atol=1e-15)
+    want = (v - (eps - x_s)).pow(2).mean()
+    got = A.fake_loss(v, A.renoise(x_s, eps, zero, tau), eps, zero, tau)
+    assert abs(float(got - want)) <= 1e-12 * float(want), (float(got), float(want))
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.9])
+def test_dmd_gradient_is_a_multiple_of_the_noised_kl_gradient(t):
+    """DMD's student gradient without its normaliser: for a linear student x0 = a z + b and exact real
+    (teacher data N(MU, SIG^2)) and fake (the student's own) velocities at x_t = (1 - t) x0 + t eps,
+      E[(x0_hat_fake - x0_hat_real) dx0/dtheta] = (t / (1 - t))^2 grad_theta KL(p^S_t || p^T_t):
+    the score gap is s_f - s_r = (1 - t) / t^2 (x0_hat_f - x0_hat_r) (sampler section 4) and dx_t /
+    dtheta = (1 - t) dx0 / dtheta in DMD's KL gradient E[(s_f - s_r) dx_t / dtheta]. Exact expectation
+    (Gauss-Hermite) through ablations.dm_gradient and dm_loss (weights folded into g)."""
+    z, e, w = _hermite()
+    theta = torch.tensor([1.3, -0.4], dtype=F64, requires_grad=True)            # (a, b)
+    x0 = (theta[0] * z + theta[1]).view(-1, 1)                                  # (K, 1): K samples, D = 1
+    x_t = S.noised(x0.detach(), e.view(-1, 1), torch.full((len(z),), t, dtype=F64))
+    m_s, v_s = (1 - t) * theta[1].detach(), (1 - t) ** 2 * theta[0].detach() ** 2 + t * t    # p^S_t
+    m_r, v_r = (1 - t) * MU, (1 - t) ** 2 * SIG ** 2 + t * t                                   # p^T_t
+    x0_f = S.data_from_velocity(x_t, _gauss_velocity(x_t, m_s, v_s, t), t)
+    x0_r = S.data_from_velocity(x_t, _gauss_velocity(x_t, m_r, v_r, t), t)
+    g = A.dm_gradient(x0_f, x0_r)
+    A.dm_loss(x0, len(z) * w.view(-1, 1) * g).backward()                        # grad = sum_k w_k g_k dx0_k/dtheta
+    th2 = theta.detach().clone().requires_grad_(True)
+    _gauss_kl((1 - t) * th2[1], (1 - t) ** 2 * th2[0] ** 2 + t * t, torch.tensor(m_r, dtype=F64),
+              torch.tensor(v_r, dtype=F64)).backward()
+    want = (t / (1 - t)) ** 2 * th2.grad
+    assert float(want.abs().min()) > 1e-3, want                                 # not a vacuous 0 = 0
+    torch.testing.assert_close(theta.grad, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("t_i,s,u", [(1.0, 0.8, 0.5), (0.6, 0.45, 0.1), (0.3, 0.0, 0.9)])
+def test_tdm_step_gradient_is_a_multiple_of_the_interval_kl_gradient(t_i, s, u):
+    """TDM's per-step form, one step: x_i ~ N(M_I, S_I^2), a linear student velocity v = a x_i + b at t_i,
+    x0_hat_i = x_i - t_i v, x_{i+1} = (1 - s) x0_hat_i + s eps_hat_i (s = t_{i+1}), x_tau = renoise(sg(x_{i+1}),
+    eps, s, tau) with tau = s + u (t_i - s); exact real (data) and fake (the student's marginal at s,
+    noised to tau) velocities. g pushed into x0_hat_i:
+      E[g dx0_hat_i/dtheta] = t_i / |dt_i| * tau^2 (1 - s) / (1 - tau)^2 * grad_theta KL(p^S_tau || p^T_tau),
+    since dx_tau/dx_{i+1} = r = (1 - tau) / (1 - s), s_f - s_r = (1 - tau) / tau^2 (x0_hat_f - x0_hat_r) and
+    dx0_hat_i = (t_i / |dt_i|) dx_{i+1}. s = 0 (the last step) is DMD's (tau / (1 - tau))^2 times t_i / |dt_i|."""
+    M_I, S_I = 0.3, 0.9
+    z, e, w = _hermite()
+    tau, dt = s + u * (t_i - s), s - t_i
+    theta = torch.tensor([0.4, -0.2], dtype=F64, requires_grad=True)
+    x_i = (M_I + S_I * z).view(-1, 1)
+    v = theta[0] * x_i + theta[1]
+    x0_i = S.data_from_velocity(x_i, v, t_i)
+    x_next = S.noised(x0_i, S.noise_from_velocity(x_i, v, t_i), torch.full((len(z),), s, dtype=F64))
+    sv, tv = torch.full((len(z),), s, dtype=F64), torch.full((len(z),), tau, dtype=F64)
+    x_tau = A.renoise(x_next.detach(), e.view(-1, 1), sv, tv)
+    r, c = (float(q[0]) for q in A.renoise_coefs(sv, tv))
+
+    def student_tau(th):                                                        # p^S_tau: mean, variance
+        return r * (M_I + dt * (th[0] * M_I + th[1])), r * r * (1 + dt * th[0]) ** 2 * S_I ** 2 + c * c
+    m_f, v_f = student_tau(theta.detach())
+    m_r, v_r = (1 - tau) * MU, (1 - tau) ** 2 * SIG ** 2 + tau ** 2
+    x0_f = S.data_from_velocity(x_tau, _gauss_velocity(x_tau, m_f, v_f, tau), tau)
+    x0_r = S.data_from_velocity(x_tau, _gauss_velocity(x_tau, m_r, v_r, tau), tau)
+    A.dm_loss(x0_i, len(z) * w.view(-1, 1) * A.dm_gradient(x0_f, x0_r)).backward()
+    th2 = theta.detach().clone().requires_grad_(True)
+    _gauss_kl(*student_tau(th2), torch.tensor(m_r, dtype=F64), torch.tensor(v_r, dtype=F64)).backward()
+    want = t_i / abs(dt) * tau ** 2 * (1 - s) / (1 - tau) ** 2 * th2.grad
+    assert float(want.abs().min()) > 1e-4, want
+    torch.testing.assert_close(theta.grad, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(x_next, x_i + dt * v, rtol=0, atol=1e-14)       # the DDIM form is the Euler step
+
+
+@pytest.mark.parametrize("s,tau", [(0.0, 0.4), (0.5, 0.7), (0.8, 0.99)])
+def test_fake_loss_is_minimised_by_the_students_noised_velocity(s, tau):
+    """ablations.fake_loss on student states x_s ~ N(M, V) noised to tau (renoise): its expected
+    gradient over a linear fake v_f(x) = alpha x + beta vanishes at the exact velocity of the student's
+    marginal at tau, N(r M, r^2 V + c^2) - the fake learns the score that DMD / TDM need (s = 0:
+    flow matching on clean samples). Exact expectation (Gauss-Hermite), one call per node."""
+    M, V = -0.3, 0.6
+    z, e, w = _hermite()
+    sv, tv = torch.tensor([s], dtype=F64), torch.tensor([tau], dtype=F64)
+    r, c = (float(q) for q in A.renoise_coefs(sv, tv))
+    # the exact fake, affine in x: v = alpha x + beta
+    var = r * r * V + c * c
+    x_probe = torch.tensor([0.0, 1.0], dtype=F64)
+    v_probe = _gauss_velocity(x_probe, r * M, var, tau)
+    ab = torch.tensor([float(v_probe[1] - v_probe[0]), float(v_probe[0])], dtype=F64, requires_grad=True)
+    total = 0
+    for k in range(len(z)):
+        x_s = torch.full((1, 1), M + math.sqrt(V) * float(z[k]), dtype=F64)
+        eps = torch.full((1, 1), float(e[k]), dtype=F64)
+        x_tau = A.renoise(x_s, eps, sv, tv)
+        total = total + w[k] * A.fake_loss(ab[0] * x_tau + ab[1], x_tau, eps, sv, tv)
+    total.backward()
+    assert float(total.detach()) > 1e-3                                                  # the loss's irreducible part
+    assert float(ab.grad.abs().max()) < 1e-12, ab.grad
+    off = ab.detach() + torch.tensor([0.05, -0.05], dtype=F64)                  # and a wrong fake is not a minimum
+    off.requires_grad_(True)
+    tot2 = sum(w[k] * A.fake_loss(off[0] * (xt := A.renoise(torch.full((1, 1), M + math.sqrt(V) * float(z[k]), dtype=F64),
+                                                            torch.full((1, 1), float(e[k]), dtype=F64), sv, tv)) + off[1],
+                                  xt, torch.full((1, 1), float(e[k]), dtype=F64), sv, tv) for k in range(len(z)))
+    tot2.backward()
+    assert float(off.grad.abs().max()) > 1e-4, off.grad
+
+
+def _dm_policy(fake_steps=0, objective="dmd"):
+    """The tiny float64 policy with teacher "ocr", a fake score fake_ocr (the teacher's weights, lora_B
+    nudged so fake != real at CFG 1 too) and its AdamW; -> (policy, the task step, the AdamW)."""
+    from peft import LoraConfig
+    pol = tiny_policy(teachers=("ocr",))
+    pol.add_adapter("fake_ocr", config=LoraConfig(r=4, lora_alpha=8, target_modules=S.LORA_TARGETS, lora_dropout=0.0))
+    teacher = pol.adapter_params("ocr")
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for k, p in pol.adapter_params("fake_ocr").items():
+            p.copy_(teacher[k.replace(".fake_ocr.", ".ocr.")])
+            if "lora_B" in k:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=F64))
+    fakes = list(pol.adapter_params("fake_ocr").values())
+    for p in [*fakes, *pol.adapter_params("student").values()]:
+        p.requires_grad_(True)
+    pol.use("student")
+    opt = torch.optim.AdamW(fakes, lr=1e-2)
+    step = {"dmd": A.dmd_step, "tdm": A.tdm_step}[objective]
+    return pol, (lambda *a: step(*a, fake_opt=opt, fake_steps=fake_steps)), opt
+
+
+def test_dmd_step_gradient_is_its_formula_through_the_whole_rollout(monkeypatch):
+    """dmd_step on the tiny policy (float64, no fake update): its student gradient equals a hand-built
+    one - the student's CFG Euler rollout with gradient through all 4 steps, x_t = (1 - t) sg(x0) + t eps
+    at the step's own t and eps, the teacher's (CFG 1) and the fake's x0_hat, g normalised per sample by
+    mean |x0 - x0_hat_real|, surrogate sum(g x0) / numel; the returned loss is 0.5 mean g^2."""
+    pol, step, _ = _dm_policy()
+    params = pol.adapter_params("student")
+    grid, cond, x = S.time_grid(4), _encode(PROMPTS), _noise(3, 2)
+    ch = D.Chain(grid, 0.0, 4, G_STUDENT, {"ocr": G_TEACHER})
+    seen, real = [], S.noised
+    monkeypatch.setattr(S, "noised", lambda xd, e, t: seen.append((xd, e, t)) or real(xd, e, t))
+    loss = step(pol, "ocr", cond, x, torch.Generator().manual_seed(7), ch)
+    monkeypatch.undo()
+    got = {k: p.grad.clone() for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    (x0_seen, eps, t), = seen
+    assert float(t.min()) >= 0.02 and float(t.max()) <= 0.98 and len(set(t.tolist())) == 3
+    x0 = x
+    for j in range(4):
+        x0 = x0 + float(grid[j + 1] - grid[j]) * pol.velocity(x0, float(grid[j]), cond, G_STUDENT)
+    torch.testing.assert_close(x0.detach(), x0_seen, rtol=0, atol=1e-13)
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0.detach() + tb * eps
+    with torch.no_grad():
+        pol.use("ocr")
+        x0_r = x_t - tb * pol.velocity(x_t, t, cond, G_TEACHER)
+        pol.use("fake_ocr")
+        x0_f = x_t - tb * pol.velocity(x_t, t, cond, 1.0)
+        pol.use("student")
+    g = (x0_f - x0_r) / (x0.detach() - x0_r).abs().mean((1, 2, 3), keepdim=True)
+    ((g * x0).sum() / x0.numel()).backward()
+    assert abs(loss - 0.5 * float(g.pow(2).mean())) <= 1e-12 * loss, loss
+    nz = 0
+    for k, p in params.items():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-14)
+        nz += int(p.grad.abs().sum() > 0)
+        p.grad = None
+    assert nz >= len(params) // 2, f"only {nz} of {len(params)} LoRA tensors got a gradient"
+
+
+def test_tdm_step_gradient_is_its_formula_at_one_step(monkeypatch):
+    """tdm_step on the tiny policy (float64, no fake update): per sample a trained step i, one student
+    step with gradient from the rollout's x_i, whose x_{i+1} is the rollout's own next state; tau in
+    [t_{i+1} + .02 dt, t_{i+1} + .98 dt] of that step; the gradient equals a hand-built one with g
+    (real vs fake at (x_tau, tau), normalised by mean |x0_hat_i - x0_hat_real|) on x0_hat_i = x_i - t_i v."""
+    pol, step, _ = _dm_policy(objective="tdm")
+    params = pol.adapter_params("student")
+    grid, cond, x = S.time_grid(5), _encode(PROMPTS), _noise(3, 4)
+    ch = D.Chain(grid, 0.0, 4, G_STUDENT, {"ocr": G_TEACHER})
+    seen, real = [], A.renoise
+    monkeypatch.setattr(A, "renoise", lambda *a: seen.append(a) or real(*a))
+    loss = step(pol, "ocr", cond, x, torch.Generator().manual_seed(3), ch)
+    monkeypatch.undo()
+    got = {k: p.grad.clone() for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    (x_next, eps, s, tau), = seen
+    i = torch.tensor([int((grid - float(si)).abs().argmin()) - 1 for si in s])
+    assert bool((i >= 0).all() and (i < 4).all()) and torch.equal(grid[i + 1], s)
+    t_i = grid[i]
+    assert bool(((tau - s) >= 0.02 * (t_i - s) - 1e-15).all() and ((tau - s) <= 0.98 * (t_i - s) + 1e-15).all())
+    with torch.no_grad():
+        states = S.rollout(pol, cond, x, grid, 0.0, G_STUDENT)["states"]
+    rows = torch.arange(3)
+    torch.testing.assert_close(x_next, states[i + 1, rows], rtol=0, atol=1e-12)
+    x_i, tb = states[i, rows], t_i.view(-1, 1, 1, 1)
+    x0_i = x_i - tb * pol.velocity(x_i, t_i, cond, G_STUDENT)
+    x_tau = (1 - tau.view(-1, 1, 1, 1)) / (1 - s.view(-1, 1, 1, 1)) * x_next + \
+        (tau ** 2 - ((1 - tau) / (1 - s) * s) ** 2).sqrt().view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        pol.use("ocr")
+        x0_r = x_tau - tau.view(-1, 1, 1, 1) * pol.velocity(x_tau, tau, cond, G_TEACHER)
+        pol.use("fake_ocr")
+        x0_f = x_tau - tau.view(-1, 1, 1, 1) * pol.velocity(x_tau, tau, cond, 1.0)
+        pol.use("student")
+    g = (x0_f - x0_r) / (x0_i.detach() - x0_r).abs().mean((1, 2, 3), keepdim=True)
+    ((g * x0_i).sum() / x0_i.numel()).backward()
+    assert abs(loss - 0.5 * float(g.pow(2).mean())) <= 1e-12 * loss, loss
+    for k, p in params.items():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-14)
+        p.grad = None
+
+
+@pytest.mark.parametrize("objective", ["dmd", "tdm"])
+def test_fake_update_and_student_backward_do_not_leak(objective):
+    """The fake score's update leaves the student's gradient and weights exactly as the student's own
+    backward left them, and the student's backward leaves no gradient on the fake: one task step
+    without a fake update, then the same (same draws) with 2; the fake moves; its first update's
+    gradient is flow matching (dmd: v_fake(x_t', t') vs eps' - x0 on the detached x0) by hand."""
+    grid, cond, x = S.time_grid(4), _encode(PROMPTS[:2]), _noise(2, 5)
+    ch = D.Chain(grid, 0.0, 4, G_STUDENT, {"ocr": G_TEACHER})
+    runs_ = {}
+    for k in (0, 2):
+        pol, step, opt = _dm_policy(fake_steps=k, objective=objective)
+        fakes = pol.adapter_params("fake_ocr")
+        before = {n: p.detach().clone() for n, p in fakes.items()}
+        w_student = {n: p.detach().clone() for n, p in pol.adapter_params("student").items()}
+        first = []
+        real_step = opt.step
+        opt.step = lambda *a, **kw: (first.append({n: p.grad.clone() for n, p in fakes.items()}) if not first else None,
+                                     real_step(*a, **kw))[1]
+        step(pol, "ocr", cond, x, torch.Generator().manual_seed(11), ch)
+        runs_[k] = {"grad": {n: p.grad.clone() for n, p in pol.adapter_params("student").items()},
+                    "fake_grad": [p.grad for p in fakes.values()], "pol": pol, "before": before, "first": first,
+                    "moved": max(float((p.detach() - before[n]).abs().max()) for n, p in fakes.items()),
+                    "student_w": all(torch.equal(p, w_student[n]) for n, p in pol.adapter_params("student").items())}
+    assert all(g is None for g in runs_[0]["fake_grad"]), "the student's backward reached the fake score"
+    assert runs_[0]["moved"] == 0.0 and runs_[2]["moved"] > 0, (runs_[0]["moved"], runs_[2]["moved"])
+    assert all(torch.equal(runs_[0]["grad"][n], runs_[2]["grad"][n]) for n in runs_[0]["grad"]), \
+        "the fake's update changed the student's gradient"
+    assert runs_[2]["student_w"], "the fake's update moved the student's weights"
+    if objective == "dmd":                                  # the first fake gradient, by hand
+        pol = _dm_policy(objective="dmd")[0]
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            x0 = S.rollout(pol, cond, x, grid, 0.0, G_STUDENT)["states"][-1]
+        A._rand(gen, ch, 2), A._randn(gen, ch, x0)          # the student's own draws: t, eps
+        tau = 0.02 + 0.96 * A._rand(gen, ch, 2)
+        eps = A._randn(gen, ch, x0)
+        pol.use("fake_ocr")
+        v = pol.velocity(S.noised(x0, eps, tau), tau, cond, 1.0)
+        (v - (eps - x0)).pow(2).mean().backward()
+        for n, p in pol.adapter_params("fake_ocr").items():
+            torch.testing.assert_close(runs_[2]["first"][0][n], p.grad, rtol=1e-9, atol=1e-13)
+
+
+def test_dmd_step_same_gradient_with_grad_checkpointing():
+    """--grad-checkpointing, which DMD's chain needs at real scale: the same student gradient (float64)
+    through the whole rollout, the checkpointed blocks recomputed in the student's adapter after the
+    real and fake passes switched adapters."""
+    grid, cond, x = S.time_grid(3), _encode(PROMPTS[:2]), _noise(2, 6)
+    ch = D.Chain(grid, 0.0, 3, G_STUDENT, {"ocr": G_TEACHER})
+    pol, step, _ = _dm_policy()
+    params, grads, calls = pol.adapter_params("student"), [], {"n": 0}
+    for ckpt in (False, True):
+        if ckpt:
+            pol.transformer.enable_gradient_checkpointing()
+            real = pol.transformer._gradient_checkpointing_func
+            pol.transformer._gradient_checkpointing_func = lambda *a, **k: calls.__setitem__("n", calls["n"] + 1) or real(*a, **k)
+        for p in params.values():
+            p.grad = None
+        step(pol, "ocr", cond, x, torch.Generator().manual_seed(2), ch)
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+    pol.transformer.disable_gradient_checkpointing()
+    assert calls["n"] >= 3, calls
+    scale = max(float(v.abs().max()) for v in grads[0].values())
+    diff = max(float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0])
+    assert scale > 0 and diff <= 1e-12 * scale, f"checkpointed DMD gradient differs by {diff:.3e} (max {scale:.3e})"

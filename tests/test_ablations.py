@@ -246,3 +246,82 @@ def test_probe_every(tiny_base, tiny_teachers, tmp_path, monkeypatch):
         assert la[0][k] == base[k], (k, la[0][k], base[k])                               # a no-op LoRA adds exact zeros
     moved = {k: (la[0][k], la[-1][k]) for k in keys}
     assert any(abs(b / a - 1) > 1e-3 for a, b in moved.values()), f"probe KLs did not move in training: {moved}"
+
+
+# ---- the distribution-matching baselines (ablations.py --objective dmd | tdm; math: ../test_opd.py) ----
+def _dm(tmp, teachers, objective, **kw):
+    return _quiet(tmp, teachers, objective=objective, **kw)
+
+
+def _state_tensors(out):
+    from safetensors.torch import load_file
+    return load_file(str(out / json.loads((out / "state.json").read_text())["tensors"]))
+
+
+@pytest.mark.parametrize("objective", ["dmd", "tdm"])
+def test_dm_run_outputs(tiny_teachers, tmp_path, objective):
+    """2 rounds of --objective dmd | tdm end to end: <objective>_loss_<task> (finite, > 0) for every task
+    and no KL, the config and checkpoint naming the objective, a student that moved, and the resume
+    state holding one fake score per task (its LoRA tensors, moved off its teacher's) and the fakes'
+    AdamW moments next to the student's."""
+    from safetensors.torch import load_file
+    out = tmp_path / objective
+    A.run(_dm(out, tiny_teachers, objective, rounds=2))
+    log = _sft_log(out)
+    assert [r["round"] for r in log] == [0, 1]
+    for r in log:                      # round 0: a CFG-free teacher's fake IS its real score, so g = 0 there
+        assert all(0 <= r[f"{objective}_loss_{t}"] < math.inf for t in R.TASKS), r
+        assert not any(k.startswith("kl_") for k in r) and math.isfinite(r["grad_norm"]), r
+    assert all(log[1][f"{objective}_loss_{t}"] > 0 for t in R.TASKS), log[1]       # the fakes moved in round 0
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["objective"] == objective and "no balance" in conf["loss"]
+    meta = runs.read_meta(out / "checkpoint")
+    assert meta["trained"]["algorithm"].startswith(f"{objective.upper()} baseline")
+    assert any(float(v.abs().max()) > 0 for k, v in _student_weights(out).items() if "lora_B" in k)
+    st = _state_tensors(out)
+    teachers = [load_file(str(Path(p) / "adapter_model.safetensors")) for p in tiny_teachers]
+    n_lora = sum(len(t) for t in teachers)
+    fake = [st[f"fake.{i}"] for i in range(n_lora)]
+    assert f"fake.{n_lora}" not in st and any(k.startswith("opt1.") for k in st), sorted(st)[:5]
+    mine, theirs = sorted(float(v.abs().sum()) for v in fake), sorted(float(v.abs().sum()) for t in teachers for v in t.values())
+    assert len(mine) == len(theirs) and mine != theirs, "the fake scores never moved off their teachers"
+
+
+@pytest.mark.parametrize("objective", ["dmd", "tdm"])
+def test_dm_resume_equals_uninterrupted(tiny_teachers, tmp_path, monkeypatch, objective):
+    """A dmd / tdm run killed inside round 2 and re-run resumes to the same student and the same fake
+    scores, bitwise: the fakes and their AdamW moments are saved and restored with the student."""
+    A.run(_dm(tmp_path / "a", tiny_teachers, objective))
+    name = f"{objective}_step"
+    calls, real = {"n": 0}, getattr(A, name)
+
+    def dies_in_round_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3 * 2:                                 # 3 tasks per round: die inside round 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(A, name, dies_in_round_2)              # dm_setup binds it when the run starts
+    with pytest.raises(KeyboardInterrupt):
+        A.run(_dm(tmp_path / "b", tiny_teachers, objective))
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["round"] == 2
+    monkeypatch.setattr(A, name, real)
+    A.run(_dm(tmp_path / "b", tiny_teachers, objective))
+    sa, sb = _student_weights(tmp_path / "a"), _student_weights(tmp_path / "b")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f"resumed {objective} student differs"
+    fa, fb = _state_tensors(tmp_path / "a"), _state_tensors(tmp_path / "b")
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), "resumed fake scores differ"
+    untimed = lambda out: [{k: v for k, v in r.items() if k != "time_s"} for r in _sft_log(out)]
+    assert untimed(tmp_path / "a") == untimed(tmp_path / "b")
+
+
+@pytest.mark.parametrize("objective,extra,words", [
+    ("dmd", ["--noise-level", "0.7", "--estimator", "ppo"], "--estimator ppo: --objective dmd"),
+    ("tdm", ["--estimator", "reinforce"], "--estimator reinforce: --objective tdm"),
+    ("dmd", ["--noise-level", "0.7"], "--noise-level 0.7: --objective dmd"),
+    ("tdm", ["--noise-level", "0.3"], "--noise-level 0.3: --objective tdm")])
+def test_dm_bad_combinations_one_line_exit_2(tiny_teachers, tmp_path, capsys, objective, extra, words):
+    """--objective dmd | tdm with a policy-gradient estimator or SDE rollouts: one line, exit 2, no run folder."""
+    out = tmp_path / "d"
+    err = _refused(capsys, A.main, ["--teachers", *tiny_teachers, "--out", str(out), "--objective", objective, *extra])
+    assert err.startswith("error: " + words), err
+    assert not out.exists()

@@ -949,3 +949,29 @@ def test_real_scale_main_job_ends_with_its_report(sd3_dir, lora_ckpts, tmp_path,
     fresh = E.evaluate(pol, "aesthetic", 2, split="train", table=RR.tasks_for(str(sd3_dir)))
     assert abs(float(fresh.mean()) - base_scores) < 1e-6, (float(fresh.mean()), base_scores)
     assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["init_lora_weights"] == "gaussian"
+
+
+def test_dmd_on_published_sd3_teachers(sd3_dir, lora_ckpts, tmp_path):
+    """ablations.py --objective dmd at real scale, on the tiny SD3 pipeline with the three adapters in
+    the released layout: 2 rounds run (the student's rollout backpropagated through the scheduler's
+    grid, its CFG 4.5), dmd_loss_<task> is logged, and the resume state holds one fake score per task -
+    one more LoRA on the backbone, loaded from the task's published adapter (the released targets,
+    sampler.LORA_TARGETS) - and the fakes' AdamW moments."""
+    import ablations as A
+    from safetensors.torch import load_file
+    out = tmp_path / "dmd"
+    A.run(A.AblationConfig(base=str(sd3_dir), teachers=_published(lora_ckpts, tmp_path / "rel"), out=str(out),
+                           objective="dmd", rounds=2, prompts=2, steps=3, rank=4, alpha=8, eval_every=0, eval_n=0,
+                           eval_heldout_n=0))
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in log] == [0, 1]
+    assert all(np.isfinite(r[f"dmd_loss_{t}"]) and r[f"dmd_loss_{t}"] >= 0 for r in log for t in R.TASKS), log
+    assert any(r[f"dmd_loss_{t}"] > 0 for r in log for t in R.TASKS), log
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["student_cfg"] == 4.5 and conf["objective"] == "dmd" and conf["shift"] == 3.0
+    state = load_file(str(out / json.loads((out / "state.json").read_text())["tensors"]))
+    teacher = load_file(str(lora_ckpts["ocr"] / "adapter_model.safetensors"))
+    published = json.loads((lora_ckpts["ocr"] / "adapter_config.json").read_text())
+    assert set(published["target_modules"]) == set(sampler.LORA_TARGETS)
+    assert sum(k.startswith("fake.") for k in state) == 3 * len(teacher), (len(teacher), sorted(state)[:4])
+    assert any(k.startswith("opt1.") for k in state)

@@ -1,8 +1,10 @@
-"""The scripts as a whole: one import direction (no cycle), --help that helps, bench_distill.py at
-SD3.5-M's architecture (tiny, on the CPU) and Policy.from_transformer, and experiments.py's every
-study with tiny budgets."""
+"""The scripts as a whole: one import direction (no cycle), --help that helps, a checkpoint folder
+with one file missing or unreadable, bench_distill.py at SD3.5-M's architecture (tiny, on the CPU)
+and Policy.from_transformer, and experiments.py's every study with tiny budgets."""
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import distill as D
 import rewards as R
 import runs
 import sampler as S
-from conftest import REPO
+from conftest import REPO, _dcfg, _refused, _tree
 
 
 # ---- one import direction, help that helps --------------------------------------------------
@@ -87,6 +89,75 @@ def test_bench_toy_times_both_schedules_and_folded_sampling(tiny_base, tmp_path,
         assert res[k] > 0, (k, res[k])
     assert res["three_pass_over_fused"] == pytest.approx(res["three_pass_s"] / res["fused_s"])
     assert res["eval_branch_over_folded"] == pytest.approx(res["eval_branch_s"] / res["eval_folded_s"])
+
+
+# ---- a checkpoint folder with one file missing or unreadable (docs/formats.md, "Errors") ----
+BREAKS = {"missing": lambda f: f.unlink(), "truncated": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+          "empty": lambda f: f.write_bytes(b""), "garbage": lambda f: f.write_bytes(b"{not json")}
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_teachers, tmp_path_factory):
+    """A student folder as distill.py writes it (runs/distill/checkpoint): one round, no evaluation."""
+    out = tmp_path_factory.mktemp("student") / "d"
+    D.run(_dcfg(out, tiny_teachers, rounds=1, prompts=2, steps=2, eval_every=0, eval_n=0, eval_heldout_n=0))
+    return out / "checkpoint"
+
+
+def _copy_ckpt(src, dst):
+    """A copy of a teacher or student folder elsewhere, its relative base path re-pointed (no score cache)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("scores.json"))
+    meta = runs.read_meta(src)
+    meta["base"]["path"] = os.path.relpath(runs.resolve_base(src, meta), dst)
+    runs.write_json_atomic(dst / runs.META, meta)
+    return dst
+
+
+@pytest.mark.parametrize("how", BREAKS)
+@pytest.mark.parametrize("name", [*runs.ADAPTER_FILES, runs.META])
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_a_broken_checkpoint_file_is_named_in_one_line(kind, name, how, tiny_base, tiny_teachers, tiny_student,
+                                                       tmp_path, capsys):
+    """Each file of a teacher and of a student folder, missing, truncated, empty or garbage: every
+    script given the folder (evaluate.py, sampler.py, teachers.py --init; distill.py --teachers for
+    a teacher) ends with one line naming the file, exit 2, before anything is loaded or written."""
+    import evaluate as E
+    import teachers as T
+    d = _copy_ckpt(tiny_teachers[1] if kind == "teacher" else tiny_student, tmp_path / kind)
+    BREAKS[how](d / name)
+    before = _tree(tmp_path)
+    calls = {"evaluate": (E.main, [d, "--n", "1", "--heldout-n", "0", "--json", tmp_path / "res.json"]),
+             "sampler": (S.main, [d, "--prompt", "a red circle", "--n", "1", "--out", tmp_path / "s.png"]),
+             "teachers --init": (T.main, ["--base", tiny_base, "--init", d, "--out", tmp_path / "rl", "--rank", "4",
+                                          "--alpha", "8"])}
+    if kind == "teacher":
+        calls["distill"] = (D.main, ["--teachers", tiny_teachers[0], d, tiny_teachers[2], "--out", tmp_path / "out"])
+    for script, (main, argv) in calls.items():
+        err = _refused(capsys, main, [str(a) for a in argv])
+        assert f"{d}: {name}" in err, (script, err)
+        assert _tree(tmp_path) == before, f"{script} wrote {set(_tree(tmp_path)) ^ set(before)}"
+
+
+def test_a_damaged_score_cache_is_recomputed(tiny_teachers, tmp_path, monkeypatch):
+    """scores.json is only a cache: not a JSON object there, the scores are computed (here a stand-in
+    for the sampling and scoring) and it is rewritten."""
+    import evaluate as E
+    import numpy as np
+    d = _copy_ckpt(tiny_teachers[1], tmp_path / "t")
+    (d / "scores.json").write_text("[]")
+    monkeypatch.setattr(E, "evaluate", lambda policy, task, n, *a, **k: np.full(n, 0.5))
+    E.evaluate_checkpoint(str(d), 1, 0, tasks=("aesthetic",), policy="loaded")
+    assert [v["scores"] for v in json.loads((d / "scores.json").read_text()).values()] == [[0.5]]
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_distill_base_that_is_an_adapter_is_refused(kind, tiny_teachers, tiny_student, tmp_path, capsys):
+    """`distill.py --base ckpts/ocr --teachers ckpts/*`: --base is a teacher (or a student), not a base."""
+    b = tiny_teachers[1] if kind == "teacher" else tiny_student
+    err = _refused(capsys, D.main, ["--base", str(b), "--teachers", *tiny_teachers, "--out", str(tmp_path / "out")])
+    assert err == f"error: --base {b}: a {kind} checkpoint, not a base; leave --base out (a teacher folder's " \
+                  f"{runs.META} names its base) or pass the base of the TASK=PATH teachers", err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- bench_distill.py at SD3.5-M's architecture (tiny on the CPU) and Policy.from_transformer ----
@@ -171,7 +242,7 @@ def test_bench_bad_flags_one_line_exit_2(argv, capsys):
 
 # ---- experiments.py: every study's code path with tiny budgets ----
 def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsys, monkeypatch):
-    """`experiments.py --quick` runs all four studies on tiny teachers, writes each results JSON and
+    """`experiments.py --quick` runs all five studies on tiny teachers, writes each results JSON and
     figure, shares the runs it says it shares, and a re-run trains nothing new (every run folder
     is read back, the gradient spread from its cache) and rewrites the same numbers."""
     import experiments as X
@@ -187,11 +258,12 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
         return figures(out, *a, **k) if len(drawn) == 1 else {}
     monkeypatch.setattr(D, "figures", first_figures)
     X.main(args)
-    # 7 Stage 2 runs, no more (the shared ones run once): 2 seeds, a = 0.3, a = 0.7, PPO, REINFORCE, SFT
-    assert len(drawn) == 7 and (drawn[0] / "grid_ocr.png").is_file(), drawn
+    # 10 Stage 2 runs, no more (the shared ones run once): 2 seeds, a = 0.3, a = 0.7, PPO, REINFORCE, SFT,
+    # and the objective study's SFT, DMD and TDM at the a = 0 run's training time
+    assert len(drawn) == 10 and (drawn[0] / "grid_ocr.png").is_file(), drawn
     docs = tmp_path / "docs"
     res = {s: json.loads((docs / f"{s}.json").read_text()) for s in X.STUDIES}
-    assert all((docs / f"{s}.png").is_file() for s in ("noise", "estimators", "estimators_variance", "sft"))
+    assert all((docs / f"{s}.png").is_file() for s in ("noise", "estimators", "estimators_variance", "sft", "objectives"))
     names = [r["name"] for r in res["table1"]["rows"]]
     assert names[0] == "base" and {"joint GRPO-Guard", "joint NFT", "cascade NFT", "DiffusionOPD (2 seeds)"} <= set(names)
     assert all(0 <= r["average"] <= 1 for r in res["table1"]["rows"]) and len(res["table1"]["seeds"]) == 2
@@ -217,6 +289,14 @@ def test_experiments_quick_all_studies_and_resume(tiny_teachers, tmp_path, capsy
     assert all(len(v["rounds"]) == 2 and v["evals"] for v in noise.values()), noise   # probes: round 0, the end
     assert noise["0.0"]["path"] == res["sft"]["runs"]["DiffusionOPD (on-policy)"]["path"]
     assert noise["0.7"]["path"] == res["estimators"]["runs"]["closed"]["path"]
+    obj = res["objectives"]                                         # every rival trained for OPD's training time
+    assert list(obj["runs"]) == ["DiffusionOPD", "SFT", "DMD", "TDM"] and obj["budget_minutes"] > 0, obj
+    assert obj["runs"]["DiffusionOPD"]["path"] == noise["0.0"]["path"]
+    for name, v in obj["runs"].items():
+        assert v["rounds_done"] >= 1 and v["vs_opd"]["train"], (name, v)
+        if name != "DiffusionOPD":                                   # stopped by --minutes, not by --rounds
+            assert runs.read_meta(Path(v["path"]) / "checkpoint")["trained"]["rounds"] == v["rounds_done"], (name, v)
+    assert all(abs(d[0]) < 1e-12 for d in obj["runs"]["DiffusionOPD"]["vs_opd"]["train"].values())
     var = res["estimators"]["variance"]["tasks"]["ocr"]["0.7"]
     assert all(v > 0 for e in A.ESTIMATORS for v in var[e]["trace_cov"]), var
     states = sorted(p for p in (tmp_path / "runs").rglob("state.json"))
