@@ -94,12 +94,9 @@ def load_teachers(entries: list[str], base_flag: str = "") -> tuple[str, dict[st
     CheckpointError."""
     if not entries:
         raise runs.CheckpointError("no teachers given; pass --teachers ckpts/* (one folder per task) or TASK=PATH ...")
-    # --base names a base (model folder or hub id); an adapter folder there is refused by name first
-    role = runs.read_meta(base_flag).get("role") if base_flag and Path(base_flag).is_dir() else None
-    if role in ("teacher", "student") or base_flag and any((Path(base_flag) / f).exists() for f in runs.ADAPTER_FILES):
-        role = role if role in ("teacher", "student") else "LoRA adapter"
-        raise runs.CheckpointError(f"--base {base_flag}: a {role} checkpoint, not a base; leave --base out (a teacher "
-                                   f"folder's {runs.META} names its base) or pass the base of the TASK=PATH teachers")
+    if base_flag:
+        runs.refuse_adapter_as_base(base_flag, "leave --base out (a teacher folder's opd.json names its base) "
+                                               "or pass the base of the TASK=PATH teachers")
     by_task, bases, cfgs = {}, {}, {}
     for e in entries:
         named = "=" in e and not Path(e).exists()

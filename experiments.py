@@ -5,8 +5,8 @@ under --out (resumable: re-running the command resumes the unfinished run and re
 finished ones), every number a study reports comes from its results JSON (--docs), and each
 study draws one figure next to it.
 
-    python experiments.py                     # all four studies, resumable (~6.5 h on 2 cores)
-    python experiments.py --only noise        # one study: table1 | noise | estimators | sft
+    python experiments.py                     # all five studies, resumable (~7 h on 2 cores)
+    python experiments.py --only noise        # one study: table1 | noise | estimators | sft | objectives
 
   table1     Table 1's analog: base, the three teachers, joint GRPO-Guard, joint DiffusionNFT,
              cascade NFT (each with the CPU minutes of OPD's Stage 1 + Stage 2) and DiffusionOPD
@@ -19,9 +19,11 @@ study draws one figure next to it.
              by step, and training curves to the same number of rounds.
   sft        off-policy SFT on the teachers' samples vs on-policy distillation: the KL at the
              student's own states and the rewards.
+  objectives SFT, DMD, TDM and DiffusionOPD for the same training time: rewards and probe KL
+             against minutes, the final tables paired against DiffusionOPD.
 
-Shared runs: the a = 0, seed 0 OPD run serves table1, noise and sft; the a = 0.7 closed-form run
-serves noise and estimators. --quick runs every code path with tiny budgets (the tests).
+Shared runs: the a = 0, seed 0 OPD run serves table1, noise, sft and objectives; the a = 0.7
+closed-form run serves noise and estimators. --quick runs every code path with tiny budgets.
 """
 from __future__ import annotations
 

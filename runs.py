@@ -212,6 +212,15 @@ def check_safetensors(folder: Path) -> None:
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # PEFT's LoRA format: teachers, students
 
 
+
+def refuse_adapter_as_base(base: str | Path, what_to_do: str) -> None:
+    """--base names a base (a model folder or hub id): a teacher, student or bare LoRA folder given
+    there is refused by name, before anything else complains about it."""
+    role = read_meta(base).get("role") if Path(base).is_dir() else None
+    if role in ("teacher", "student") or any((Path(base) / f).exists() for f in ADAPTER_FILES):
+        role = role if role in ("teacher", "student") else "LoRA adapter"
+        raise CheckpointError(f"--base {base}: a {role} checkpoint, not a base; {what_to_do}")
+
 def check_adapter(path: str | Path) -> dict:
     """A LoRA adapter folder (PEFT's two files, docs/formats.md, "Checkpoints") before it loads: each
     there, the config a JSON object, the weights' safetensors header readable. Returns the config."""

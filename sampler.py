@@ -5,7 +5,7 @@ SDE/ODE transition kernel (mean and std), the Gaussian log-prob of a transition,
 closed-form KL, the policy (load / encode / velocity with CFG / decode) and the rollout.
 teachers.py, distill.py, the notebook and the tests import it.
 
-    python sampler.py base/ --prompt 'a sign that says "K7"'   # 40-step ODE samples -> runs/sampler.png (~5 s)
+    python sampler.py base/ --prompt 'a sign that says "K7"'   # 40-step ODE samples -> runs/sampler.png
 
 CONVENTIONS (stated once, used everywhere)
   * Rectified flow, SD3 convention: x_t = (1 - t) x_data + t eps.  t = 1 IS PURE NOISE, t = 0 IS

@@ -404,6 +404,7 @@ def start(cfg: TeacherConfig, tasks: list[str] | None) -> Training | Path:
     for t in tasks:
         if t not in R.TASKS:
             raise runs.CheckpointError(f"unknown task {t!r}; choose one of {sorted(R.TASKS)}")
+    runs.refuse_adapter_as_base(cfg.base, "pass the base it sits on (e.g. base/) and, to start from it, --init")
     init_tasks = check_init(cfg) if cfg.init else []           # before anything is written
     if cfg.rl_reward == "objects" and runs.settings(cfg.base)["kind"] != "toy":
         raise runs.CheckpointError("--rl-reward objects reads the toy's scenes; at real scale GenEval trains on "

@@ -160,6 +160,14 @@ def test_distill_base_that_is_an_adapter_is_refused(kind, tiny_teachers, tiny_st
     assert not (tmp_path / "out").exists()
 
 
+def test_teachers_base_that_is_a_teacher_is_refused(tiny_teachers, tmp_path, capsys):
+    """`teachers.py --base ckpts/ocr`: one line naming it a teacher, exit 2, no run folder."""
+    import teachers as T
+    err = _refused(capsys, T.main, ["--base", tiny_teachers[1], "--task", "ocr", "--out", str(tmp_path / "out")])
+    assert err.startswith(f"error: --base {tiny_teachers[1]}: a teacher checkpoint, not a base;"), err
+    assert not (tmp_path / "out").exists()
+
+
 # ---- bench_distill.py at SD3.5-M's architecture (tiny on the CPU) and Policy.from_transformer ----
 def test_bench_tiny_cpu_json_times_ratios_memory(tmp_path, capsys):
     """`bench_distill.py --size tiny` on the CPU (SD3.5-M's architecture, 2 layers, random
