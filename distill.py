@@ -261,7 +261,7 @@ def run(cfg: DistillConfig, variant: Variant = OPD) -> dict:
         rec = {"round": rnd} | probe(r, rnd)
         for task in r.tasks:                                          # round-robin over the tasks
             r.opt.zero_grad(set_to_none=True)
-            # ---- 1. prompts of THIS task only (routing by dataset, never mixed), initial noise x_0 ~ N(0, I)
+            # ---- 1. prompts of THIS task only (routing by dataset, never mixed); noise at t_0 = 1, N(0, I)
             ps = [r.table[task].train[k] for k in rng.integers(len(r.table[task].train), size=cfg.prompts)]
             x = torch.randn((cfg.prompts, *r.shape), generator=gen)[ch.local].to(policy.device, policy.dtype)
             cond = policy.encode(ps[ch.local])                        # (global draw, this process's slice)
