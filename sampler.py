@@ -1,9 +1,8 @@
 """sampler.py - the paper's shared math and the policy (DiffusionOPD Sec. 3.1-3.2, Eq. 5-12).
 
 Everything formula-shaped that two files need lives here and only here: the time grid, the
-SDE/ODE transition kernel (mean and std), the Gaussian log-prob of a transition, the per-step
-closed-form KL, the policy (load / encode / velocity with CFG / decode) and the rollout.
-teachers.py, distill.py, the notebook and the tests import it.
+SDE/ODE kernel (mean and std), a transition's Gaussian log-prob, the per-step closed-form KL,
+the policy (encode / velocity with CFG / decode, adapters on one backbone) and the rollout.
 
     python sampler.py base/ --prompt 'a sign that says "K7"'   # 40-step ODE samples -> runs/sampler.png
 
@@ -31,7 +30,6 @@ Deliberate deviations / choices
   2. Grid: at real scale the scheduler's own, which the released teachers were trained on (ends
      .0089 -> 0; time_grid); the toy's ends exactly at 0, as its numbers were made on it.
   3. Eq. 11 keeps the paper's (-dt) in sbar^2; the released code drops it (a 1/|dt| weight per step).
-  4. A base's hash: sha256 of its transformer's safetensors (what adapters sit on); a hub id as is.
 """
 from __future__ import annotations
 
