@@ -48,6 +48,7 @@ class AblationConfig(D.DistillConfig):
     estimator: str = arg("closed", "per-step gradient (Sec. 3.3): closed = Eq. 11/12; ppo = PPO-clip surrogate, advantage -KL_j; reinforce = sampled log-ratio; ppo/reinforce need --noise-level > 0", "in closed|ppo|reinforce")
     objective: str = arg("opd", "opd: DiffusionOPD; sft: the off-policy baseline, flow matching on teacher samples; dmd / tdm: distribution matching on the student's final / intermediate samples (--balance does nothing for sft, dmd, tdm)", "in opd|sft|dmd|tdm")
     probe_every: int = arg(0, "log probe_kl_<task> (Eq. 12 on fixed probe ODE rollouts, comparable across runs) at rounds 0, N, 2N, ... and the end (0: off)", ">= 0")
+    fake_lr: float = arg(0.0, "dmd / tdm: the fake scores' lr as a multiple of --lr (0: the method's own, FAKE_LR: DMD 1, TDM 5)", ">= 0")
 
 
 ESTIMATORS = ("closed", "ppo", "reinforce")                  # --estimator (Sec. 3.3 ablation)
@@ -252,6 +253,11 @@ FAKE_STEPS = {"dmd": 5, "tdm": 1}
 FAKE_LR = {"dmd": 1.0, "tdm": 5.0}
 
 
+def fake_lr(cfg, objective: str) -> float:
+    """The fake scores' lr as a multiple of the student's: --fake-lr, or the method's own (FAKE_LR)."""
+    return getattr(cfg, "fake_lr", 0.0) or FAKE_LR[objective]
+
+
 def _rand(gen: torch.Generator, ch: D.Chain, n: int) -> torch.Tensor:
     """U[0, 1) for the global batch (float64, CPU), this process's rows: any process count, one run."""
     return torch.rand(ch.n_global or n, generator=gen, dtype=torch.float64)[ch.local]
@@ -438,7 +444,7 @@ def dm_setup(objective: str, policy: S.Policy, tasks: list, by_task: dict, cfg) 
     for p in keep + fakes:
         p.requires_grad_(True)
     policy.use("student")
-    opt = torch.optim.AdamW(fakes, lr=FAKE_LR[objective] * cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
+    opt = torch.optim.AdamW(fakes, lr=fake_lr(cfg, objective) * cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
     step = {"dmd": dmd_step, "tdm": tdm_step}[objective]                 # read at setup (tests patch them)
     return functools.partial(step, fake_opt=opt, fake_steps=FAKE_STEPS[objective]), {"fake": fakes}, opt
 
@@ -450,6 +456,8 @@ def variant(cfg: AblationConfig) -> D.Variant:
     if cfg.objective in ("dmd", "tdm") and cfg.estimator != "closed":
         raise runs.CheckpointError(f"--estimator {cfg.estimator}: --objective {cfg.objective} has its own distribution-"
                                    "matching gradient, no per-step KL to estimate; drop --estimator")
+    if cfg.fake_lr and cfg.objective not in ("dmd", "tdm"):
+        raise runs.CheckpointError(f"--fake-lr {cfg.fake_lr:g}: only --objective dmd and tdm train a fake score")
     if cfg.objective in ("dmd", "tdm") and cfg.noise_level > 0:
         raise runs.CheckpointError(f"--noise-level {cfg.noise_level}: --objective {cfg.objective} rolls the student out "
                                    "with its ODE sampler (a = 0), as DMD / TDM students sample; drop --noise-level")
@@ -475,7 +483,7 @@ def variant(cfg: AblationConfig) -> D.Variant:
                                "tdm": "TDM's distribution matching of the student's intermediate states, one step "
                                       "with gradient"}[cfg.objective]
                          + f"; a fake score per task, {FAKE_STEPS[cfg.objective]} fake update(s) per task per round "
-                           f"at {FAKE_LR[cfg.objective]:g}x --lr; plain task mean (no balance)", **probe)
+                           f"at {fake_lr(cfg, cfg.objective):g}x --lr; plain task mean (no balance)", **probe)
     if cfg.estimator == "closed":
         return D.Variant(**probe)
     sde = "Eq. 11 (SDE)"

@@ -285,6 +285,14 @@ def test_dm_run_outputs(tiny_teachers, tmp_path, objective):
     assert f"fake.{n_lora}" not in st and any(k.startswith("opt1.") for k in st), sorted(st)[:5]
     mine, theirs = sorted(float(v.abs().sum()) for v in fake), sorted(float(v.abs().sum()) for t in teachers for v in t.values())
     assert len(mine) == len(theirs) and mine != theirs, "the fake scores never moved off their teachers"
+    lr = json.loads((out / "state.json").read_text())["param_groups1"][0]["lr"]     # the fakes' AdamW
+    assert lr == pytest.approx(A.FAKE_LR[objective] * conf["lr"]), (lr, conf["lr"])
+
+
+def test_fake_lr_flag_overrides_the_methods_ratio():
+    """--fake-lr R sets the fakes' lr to R x --lr; 0 (the default) keeps DMD's 1x and TDM's 5x."""
+    assert [A.fake_lr(A.AblationConfig(), o) for o in ("dmd", "tdm")] == [A.FAKE_LR["dmd"], A.FAKE_LR["tdm"]] == [1.0, 5.0]
+    assert A.fake_lr(A.AblationConfig(fake_lr=1.0), "tdm") == 1.0
 
 
 @pytest.mark.parametrize("objective", ["dmd", "tdm"])
@@ -318,7 +326,8 @@ def test_dm_resume_equals_uninterrupted(tiny_teachers, tmp_path, monkeypatch, ob
     ("dmd", ["--noise-level", "0.7", "--estimator", "ppo"], "--estimator ppo: --objective dmd"),
     ("tdm", ["--estimator", "reinforce"], "--estimator reinforce: --objective tdm"),
     ("dmd", ["--noise-level", "0.7"], "--noise-level 0.7: --objective dmd"),
-    ("tdm", ["--noise-level", "0.3"], "--noise-level 0.3: --objective tdm")])
+    ("tdm", ["--noise-level", "0.3"], "--noise-level 0.3: --objective tdm"),
+    ("opd", ["--fake-lr", "2"], "--fake-lr 2: only --objective dmd and tdm")])
 def test_dm_bad_combinations_one_line_exit_2(tiny_teachers, tmp_path, capsys, objective, extra, words):
     """--objective dmd | tdm with a policy-gradient estimator or SDE rollouts: one line, exit 2, no run folder."""
     out = tmp_path / "d"
