@@ -394,7 +394,7 @@ def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
     r = Run(cfg, variant, out, conf, base, by_task, tasks, table, ch, policy, params, opt, ema, task_step, extra,
             extra_opt, policy.latent_shape(), 0, 0.0, rank, world, device)
     if (out / "state.json").is_file():
-        info = runs.load_state(out / "state", state_tensors(r), r.opt if extra_opt is None else [r.opt, extra_opt])
+        info = runs.load_state(out / "state", state_tensors(r), optimizers(r))
         r.start, r.before, r.train_s = info["round"], info.get("elapsed_s", 0.0), info.get("train_s", 0.0)
         if rank == 0:
             print(f"resuming {out} at round {r.start}")
@@ -409,6 +409,11 @@ def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
 def state_tensors(r: Run) -> dict:
     """The tensors a resume restores: the student's weights, its EMA, a variant's own models."""
     return {"params": r.params, "ema": r.ema} | r.extra
+
+
+def optimizers(r: Run) -> list:
+    """The optimizers a resume restores: the student's, then a variant's own (DMD's fake scores')."""
+    return [o for o in (r.opt, r.extra_opt) if o is not None]
 
 
 def rounds(r: Run):
@@ -457,7 +462,7 @@ def end_round(r: Run, rnd: int, rec: dict) -> None:
                 e.mul_(cfg.ema).add_(p, alpha=1.0 - cfg.ema)
     r.train_s += time.time() - r.round_t0 - r.probe_s
     if r.rank == 0:
-        runs.save_state(r.out / "state", state_tensors(r), r.opt if r.extra_opt is None else [r.opt, r.extra_opt],
+        runs.save_state(r.out / "state", state_tensors(r), optimizers(r),
                         {"round": rnd + 1, "elapsed_s": r.before + time.time() - r.t0, "train_s": r.train_s})
     rec["time_s"] = round(time.time() - r.t0, 1)
     if cfg.eval_every and ((rnd + 1) % cfg.eval_every == 0 or rnd == 0) \

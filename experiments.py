@@ -292,13 +292,7 @@ def figure_spread(cfg: ExperimentConfig, var: dict) -> Path:
         axes[0, m].set(title=f"{task}: gradient spread across rollouts", xlabel="t (1 = noise)", yscale="log")
         axes[0, m].title.set_fontsize(8)
     axes[0, 0].legend(fontsize=6)
-    fig.tight_layout()
-    f = Path(cfg.docs) / "estimators_variance.png"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(f.with_suffix(".tmp.png"), f)
-    return f
+    return save_figure(fig, Path(cfg.docs) / "estimators_variance.png")
 
 
 def study_sft(cfg: ExperimentConfig) -> dict:
@@ -376,13 +370,7 @@ def figure_objectives(cfg: ExperimentConfig, res: dict) -> Path:
         for a in axes[:, m]:
             a.title.set_fontsize(8)
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    f = Path(cfg.docs) / "objectives.png"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(f.with_suffix(".tmp.png"), f)
-    return f
+    return save_figure(fig, Path(cfg.docs) / "objectives.png")
 
 
 def render_study(study: str, res: dict) -> str:
@@ -449,6 +437,16 @@ def render_study(study: str, res: dict) -> str:
     raise ValueError(study)
 
 
+def save_figure(fig, f: Path) -> Path:
+    """A study's figure into docs/studies/: written to a temporary name and renamed (never half a PNG)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(f.with_suffix(".tmp.png"), f)
+    return f
+
 def figure_curves(cfg: ExperimentConfig, study: str, by_name: dict, tasks: list[str]) -> Path:
     """docs/studies/<study>.png: per task, the probe KL of every run against rounds."""
     import matplotlib
@@ -463,13 +461,7 @@ def figure_curves(cfg: ExperimentConfig, study: str, by_name: dict, tasks: list[
         axes[0, m].set(title=f"{t}: KL to its teacher on the probe states", xlabel="round", yscale="log")
         axes[0, m].title.set_fontsize(8)
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    f = Path(cfg.docs) / f"{study}.png"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(f.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(f.with_suffix(".tmp.png"), f)
-    return f
+    return save_figure(fig, Path(cfg.docs) / f"{study}.png")
 
 
 def main(argv=None):

@@ -456,6 +456,15 @@ def test_tiny_policy_is_a_real_test_bed():
     assert min(gaps.values()) > 0.02, gaps
 
 
+def assert_same_grads(got: dict, want: dict) -> None:
+    """Two LoRA gradients equal to float64 precision, and not trivially: at least half the tensors nonzero."""
+    nz = 0
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-14)
+        nz += int(want[k].abs().sum() > 0)
+    assert nz >= len(want) // 2, f"only {nz} of {len(want)} LoRA tensors got a gradient"
+
+
 @pytest.mark.parametrize("a", [0.0, 0.7])
 def test_fused_equals_three_pass_gradient(a):
     """distill.py's fused schedule (distill_task) and the released rollout -> teacher -> recompute
@@ -474,11 +483,7 @@ def test_fused_equals_three_pass_gradient(a):
         losses.append(fn(pol, "ocr", cond, x, torch.Generator().manual_seed(7), ch, scale=0.2))
         grads.append({k: p.grad.clone() for k, p in params.items()})
     assert losses[0] > 0 and abs(losses[0] - losses[1]) <= 1e-12 * losses[0], losses
-    nz = 0
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-14)
-        nz += int(grads[0][k].abs().sum() > 0)
-    assert nz >= len(grads[0]) // 2, f"only {nz} of {len(grads[0])} LoRA tensors got a gradient"
+    assert_same_grads(grads[0], grads[1])
     if a == 0.0:
         with torch.no_grad():
             pol.use("student")
@@ -558,12 +563,9 @@ def test_sft_gradient_is_flow_matching(monkeypatch):
     want = ((v_u + g * (v_c - v_u)) - (eps - x_data)).pow(2).mean()
     want.backward()
     assert loss > 0 and abs(loss - want.item()) <= 1e-12 * loss, (loss, want.item())
-    nz = 0
-    for k, p in params.items():
-        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-14)
-        nz += int(p.grad.abs().sum() > 0)
+    assert_same_grads(got, {k: p.grad for k, p in params.items()})
+    for p in params.values():
         p.grad = None
-    assert nz >= len(params) // 2, f"only {nz} of {len(params)} LoRA tensors got a gradient"
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -1053,12 +1055,9 @@ def test_dmd_step_gradient_is_its_formula_through_the_whole_rollout(monkeypatch)
     g = (x0_f - x0_r) / (x0.detach() - x0_r).abs().mean((1, 2, 3), keepdim=True)
     ((g * x0).sum() / x0.numel()).backward()
     assert abs(loss - 0.5 * float(g.pow(2).mean())) <= 1e-12 * loss, loss
-    nz = 0
-    for k, p in params.items():
-        torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-14)
-        nz += int(p.grad.abs().sum() > 0)
+    assert_same_grads(got, {k: p.grad for k, p in params.items()})
+    for p in params.values():
         p.grad = None
-    assert nz >= len(params) // 2, f"only {nz} of {len(params)} LoRA tensors got a gradient"
 
 
 def test_tdm_step_gradient_is_its_formula_at_one_step(monkeypatch):
