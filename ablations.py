@@ -473,10 +473,10 @@ def variant(cfg: AblationConfig) -> D.Variant:
     probe = dict(probe=lambda pol, tasks, ch, table: probe_kl(pol, tasks, ch.g_teacher, ch.g_student, ch.grid, table),
                  probe_every=cfg.probe_every) if cfg.probe_every else {}
     if cfg.objective == "sft":
-        return D.Variant(sft_step, "sft_loss", balance=False, algorithm="SFT baseline",
+        return D.Variant(sft_step, "sft_loss", balance=False, sampled=False, algorithm="SFT baseline",
                          loss="flow matching on the teachers' ODE samples, plain task mean (no balance)", **probe)
     if cfg.objective in ("dmd", "tdm"):
-        return D.Variant({"dmd": dmd_step, "tdm": tdm_step}[cfg.objective], f"{cfg.objective}_loss", balance=False,
+        return D.Variant({"dmd": dmd_step, "tdm": tdm_step}[cfg.objective], f"{cfg.objective}_loss", balance=False, sampled=False,
                          algorithm=f"{cfg.objective.upper()} baseline", setup=functools.partial(dm_setup, cfg.objective),
                          loss={"dmd": "DMD2's normalised distribution-matching gradient on the student's final ODE "
                                       "samples, backpropagated through the rollout",

@@ -190,7 +190,9 @@ def parser() -> argparse.ArgumentParser:
                     help="toy: the shipped base/ with real prompts; tiny / full: SD3.5-M's architecture "
                          "(shrunk / as published) with random weights (default: toy)")
     ap.add_argument("--base", default=None, help="--size toy: the base checkpoint (default: base)")
-    ap.add_argument("--prompts", type=pos, default=None, help="--size toy: prompts per task per round (default: 16)")
+    ap.add_argument("--prompts", type=pos, default=None, help="--size toy: prompts per task per round (default: distill.py's)")
+    ap.add_argument("--sample-steps", type=runs.checked(int, ">= 0"), default=None,
+                    help="--size toy: distill.py's --sample-steps, timed beside all steps (default: distill.py's)")
     ap.add_argument("--batches", default=None,
                     help="--size tiny|full: prompts per task on one device, comma-separated (default: 1,2,4,8)")
     ap.add_argument("--steps", type=pos, default=10, help="rollout grid steps; trained as distill.py trains them (sampler.trained_steps) (default: 10)")
@@ -248,7 +250,7 @@ def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
     # ---- 0. flags: each size takes its own; the others are refused (one line, exit 2) ----
-    toy_only = {"--base": args.base, "--prompts": args.prompts}
+    toy_only = {"--base": args.base, "--prompts": args.prompts, "--sample-steps": args.sample_steps}
     real_only = {"--batches": args.batches, "--teachers": args.teachers, "--dtype": args.dtype,
                  "--fit-batch": args.fit_batch, "--child": args.child}
     wrong = [f for f, v in (real_only if args.size == "toy" else toy_only).items() if v is not None]
@@ -478,41 +480,65 @@ def main(argv=None):
 
 
 def toy(args) -> dict:
-    """--size toy: the shipped base/ and real prompts, fused vs three-pass (the original benchmark)."""
+    """--size toy: the shipped base/ and real prompts, the main job's round (a rank-96 student, rank-32
+    teachers, CFG on both): one task's share of it fused, three-pass and with --sample-steps K; the
+    network floor of each (per step: a student velocity with its backward and a teacher velocity;
+    a step walked but not trained: a student velocity without grad); evaluation sampling."""
     from peft import LoraConfig
     import rewards as R
-    prompts = args.prompts or 16
+    prompts = args.prompts or D.DistillConfig.prompts
+    k = D.DistillConfig.sample_steps if args.sample_steps is None else args.sample_steps
     pol = S.Policy(args.base or "base")
-    cfgl = LoraConfig(r=32, lora_alpha=64, target_modules=S.LORA_TARGETS)
-    pol.add_adapter("teacher", config=cfgl)
-    pol.add_adapter("student", config=cfgl)
+    pol.add_adapter("teacher", config=LoraConfig(r=32, lora_alpha=64, target_modules=S.LORA_TARGETS))
+    pol.add_adapter("student", config=LoraConfig(r=96, lora_alpha=192, target_modules=S.LORA_TARGETS))
     params = list(pol.adapter_params("student").values())
     for p in params:
         p.requires_grad_(True)
     grid = S.time_grid(args.steps, pol.shift, pol.sigma_min)
     n_train = S.trained_steps(grid, 0.0)                        # as distill.py: every step of the toy grid
+    k = k if 0 < k < n_train else n_train
     ps = R.TASKS["ocr"].train[:prompts]
     cond = pol.encode(ps)
     x = torch.randn(prompts, *pol.latent_shape(), generator=torch.Generator().manual_seed(0)).to(pol.device)
     sync = torch.cuda.synchronize if pol.device.type == "cuda" else (lambda: None)
     g = pol.guidance
-    times = {"fused": [], "three_pass": []}
-    for rep in range(args.repeats + 1):                        # first repeat is a warm-up
-        for name, fn in (("fused", distill_task), ("three_pass", three_pass_task)):
+    chain = lambda sample: D.Chain(grid, 0.0, n_train, g, {"teacher": g}, sample=sample)
+    t_mid = float(grid[n_train // 2])
+
+    def student_step():                                        # the floor's passes, at one mid-grid step
+        pol.velocity(x, t_mid, cond, g).pow(2).mean().backward()
+
+    def teacher_step():
+        with torch.no_grad():
+            pol.use("teacher")
+            pol.velocity(x, t_mid, cond, g)
+        pol.use("student")
+
+    def walk_step():
+        with torch.no_grad():
+            pol.velocity(x, t_mid, cond, g)
+
+    jobs = {"fused": lambda rep: distill_task(pol, "teacher", cond, x, torch.Generator().manual_seed(rep), chain(0)),
+            "three_pass": lambda rep: three_pass_task(pol, "teacher", cond, x, torch.Generator().manual_seed(rep), chain(0)),
+            "sampled": lambda rep: sum(distill_task(pol, "teacher", cond, x, torch.Generator().manual_seed(100 * rep + d),
+                                                    chain(k)) for d in range(4)),   # 4 draws: the cost depends on the last step drawn
+            "student_step": lambda rep: student_step(), "teacher_step": lambda rep: teacher_step(),
+            "walk_step": lambda rep: walk_step()}
+    times = {name: [] for name in jobs}
+    for rep in range(args.repeats + 1):                        # first repeat is a warm-up; all interleaved
+        for name, fn in jobs.items():
             sync(); t0 = time.perf_counter()
-            fn(pol, "teacher", cond, x, torch.Generator().manual_seed(rep), D.Chain(grid, 0.0, n_train, g, {"teacher": g}))
+            fn(rep)
             sync()
             if rep:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append((time.perf_counter() - t0) / (4 if name == "sampled" else 1))
             for p in params:
                 p.grad = None
-    # evaluation sampling (S.sample, 40 steps): the main job's rank-96 student folded into the
-    # weights (Policy.merged, the default) vs kept as a branch; interleaved, same load
-    pol.add_adapter("student96", config=LoraConfig(r=96, lora_alpha=192, target_modules=S.LORA_TARGETS))
+    # evaluation sampling (S.sample, 40 steps): the rank-96 student folded into the weights
+    # (Policy.merged, the default) vs kept as a branch; interleaved, same load
     with torch.no_grad():
-        for k, p in pol.adapter_params("student96").items():
+        for p in pol.adapter_params("student").values():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    pol.use("student96")
     folded, branch = pol.merged, contextlib.nullcontext
     for rep in range(args.repeats + 1):
         for name in ("eval_folded", "eval_branch"):
@@ -523,22 +549,37 @@ def toy(args) -> dict:
             if rep:
                 times.setdefault(name, []).append(time.perf_counter() - t0)
     pol.merged = folded
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    walked = k * (n_train + 1) / (k + 1) - k                   # E[last drawn step + 1] - K: steps walked untrained
+    floor = n_train * (med["student_step"] + med["teacher_step"])
+    floor_sampled = k * (med["student_step"] + med["teacher_step"]) + walked * med["walk_step"]
     res = {"size": "toy", "device": str(pol.device), "base": args.base or "base", "prompts": prompts,
-           "trained_steps": n_train, "cfg": g, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-           "fused_s": med["fused"], "three_pass_s": med["three_pass"],
+           "trained_steps": n_train, "sample_steps": k, "cfg": g, "repeats": args.repeats,
+           "torch_threads": torch.get_num_threads(),
+           "fused_s": med["fused"], "three_pass_s": med["three_pass"], "sampled_s": med["sampled"],
            "three_pass_over_fused": med["three_pass"] / med["fused"],
+           "fused_over_sampled": med["fused"] / med["sampled"],
+           "student_step_s": med["student_step"], "teacher_step_s": med["teacher_step"], "walk_step_s": med["walk_step"],
+           "floor_s": floor, "fused_over_floor": med["fused"] / floor,
+           "floor_sampled_s": floor_sampled, "sampled_over_floor": med["sampled"] / floor_sampled,
            "eval_folded_s": med["eval_folded"], "eval_branch_s": med["eval_branch"],
            "eval_branch_over_folded": med["eval_branch"] / med["eval_folded"]}
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         runs.write_json_atomic(args.json, res)
-    print(f"one task's share of a round, {prompts} prompts, {n_train} trained steps, CFG {g}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats}:")
-    for k in ("fused", "three_pass"):
-        print(f"  {k.replace('_', '-'):>10}: {med[k] * 1000:8.1f} ms")
-    print(f"  three-pass / fused = {res['three_pass_over_fused']:.2f}x")
+    print(f"one task's share of a round (a round: one per task), {prompts} prompts, CFG {g}, torch threads "
+          f"{torch.get_num_threads()}, median of {args.repeats}:")
+    print(f"  per step: student velocity + backward {med['student_step'] * 1000:.1f} ms, teacher velocity "
+          f"{med['teacher_step'] * 1000:.1f} ms, a walked step (no grad) {med['walk_step'] * 1000:.1f} ms")
+    print(f"  {'schedule':<28} {'measured':>9} {'floor':>9} {'ratio':>6}")
+    print(f"  {f'fused, all {n_train} steps':<28} {med['fused'] * 1000:7.1f}ms {floor * 1000:7.1f}ms "
+          f"{med['fused'] / floor:5.2f}x")
+    print(f"  {f'fused, --sample-steps {k}':<28} {med['sampled'] * 1000:7.1f}ms {floor_sampled * 1000:7.1f}ms "
+          f"{med['sampled'] / floor_sampled:5.2f}x")
+    print(f"  {'three-pass, all steps':<28} {med['three_pass'] * 1000:7.1f}ms")
+    print(f"  three-pass / fused = {res['three_pass_over_fused']:.2f}x; all steps / --sample-steps {k} = "
+          f"{res['fused_over_sampled']:.2f}x")
     print(f"evaluation sampling of {prompts} images (40 steps) with a rank-96 student: adapter as a branch / "
           f"folded into the weights = {res['eval_branch_over_folded']:.2f}x")
     return res

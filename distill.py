@@ -29,6 +29,9 @@ docs/experiments.md, "The GenEval teacher at the student's CFG, and the student'
      is divided by its own detached value, so the round's gradient is mean_m grad log KL_m and
      every teacher moves the student by the same relative amount however far it sits from the
      base (docs/experiments.md, "Task balance: balanced (the default) vs the plain average").
+  6. Sampled steps (--sample-steps 3): each rollout trains 3 of its 10 steps drawn at random (an
+     unbiased estimate of Eq. 4's step sum, tested) and stops at the last: rounds ~2x cheaper, so
+     120 rounds fit the main job's time (docs/experiments.md, "Stage 2 on GenEval: sampled steps").
 """
 from __future__ import annotations
 
@@ -63,17 +66,18 @@ class DistillConfig:
     base: str = arg("", "the base of TASK=PATH teachers without opd.json: a diffusers SD3 folder or hub id")
     prompt_dir: str = arg("", 'SD3 bases: the prompt folder (README, "Real scale"); empty: the example set prompts/')
     out: str = arg("runs/distill", "run folder: created with its config; re-running the same command resumes it")
-    rounds: int = arg(50, "optimizer steps; each round visits every task once", ">= 1")
+    rounds: int = arg(120, "optimizer steps; each round visits every task once", ">= 1")
     minutes: float = arg(0.0, "also stop after this many minutes of training (probes and evaluations not counted; 0: no limit)", ">= 0")
     prompts: int = arg(8, "prompts per task per round (global, split over processes; paper: 24)", ">= 1")
     steps: int = arg(10, "rollout grid steps (paper: 10)", ">= 1")
     noise_level: float = arg(0.0, "a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11", ">= 0")
     train_fraction: float = arg(1.0, "train steps j < floor(fraction * steps), less a last step of negligible weight (sampler.trained_steps; deviation 3)", "> 0")
+    sample_steps: int = arg(3, "train K of those steps per rollout, drawn at random, the rollout stopped at the last drawn (0 or >= their number: all; deviation 6)", ">= 0")
     cfg: float = arg(-1.0, "student CFG in rollouts; -1 = the base's own")
     lr: float = arg(2e-3, "AdamW learning rate", "> 0")
     rank: int = arg(0, "student LoRA rank; 0: 32 at real scale (the paper's), 96 on the toy (deviation 2)", ">= 0")
     alpha: int = arg(0, "student LoRA alpha; 0: twice the rank (paper: 64 for 32)", ">= 0")
-    eval_every: int = arg(25, "small paired eval on train prompts every N rounds (0: never)", ">= 0")
+    eval_every: int = arg(60, "small paired eval on train prompts every N rounds (0: never)", ">= 0")
     eval_small: int = arg(32, "images per task for that eval", ">= 1")
     eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
     eval_heldout_n: int = arg(64, "images per task, final evaluation, held-out table (0: none)", ">= 0")
@@ -155,6 +159,7 @@ class Chain(NamedTuple):
     bf16: bool = False             # transformer passes under bf16 autocast (deviation 2)
     n_global: int | None = None    # data parallel: the global batch, of which x holds rows `local`
     local: slice = slice(None)
+    sample: int = 0                # --sample-steps: train this many of the n_train steps per rollout (0: all)
 
 
 def closed_form(mean_s: torch.Tensor, mean_t: torch.Tensor, std: float, x_next: torch.Tensor) -> torch.Tensor:
@@ -174,12 +179,18 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
     scale: the factor on each step's loss (default 1 / n_train: the steps' mean). step_loss: what
     is backpropagated per step (ablations.py swaps in PPO / REINFORCE); on_step(j) runs after
     step j's backward (ablations.estimator_gradients reads .grad there)."""
-    total, scale = 0.0, 1.0 / ch.n_train if scale is None else scale
+    trained = sampled_steps(ch, gen)
+    total, scale = 0.0, 1.0 / len(trained) if scale is None else scale
     amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
     policy.use("student")
-    for j in range(ch.n_train):
+    for j in range(trained[-1] + 1):                                      # no state after the last trained step is needed
         t, t_next = float(ch.grid[j]), float(ch.grid[j + 1])
         std = S.step_std(t, t_next, ch.a)                                 # Eq. 6: shared by S and T
+        if j not in trained:              # --sample-steps: a step not drawn this rollout is only walked (no grad, no teacher)
+            with torch.no_grad(), amp():
+                mean = S.step_mean(x, policy.velocity(x, t, cond, ch.g_student), t, t_next, ch.a).to(x.dtype)
+            x = mean + std * torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else mean
+            continue
         # ---- student mean, with grad (Eq. 7) ----
         with amp():
             v_s = policy.velocity(x, t, cond, ch.g_student)
@@ -205,7 +216,19 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
         if on_step is not None:
             on_step(j)
         x = x_next
-    return total / ch.n_train
+    return total / len(trained)
+
+
+def sampled_steps(ch: Chain, gen: torch.Generator) -> list[int]:
+    """The steps one rollout trains, in order: all j < ch.n_train, or (--sample-steps K, ch.sample =
+    K < n_train) K of them drawn uniformly without replacement from `gen` - every subset equally
+    likely, so the mean of the drawn steps' KL is an unbiased estimate of the mean over all steps,
+    and so is its gradient (Flow-GRPO's timestep fraction, here in Stage 2; deviation 6). The
+    rollout ends at the last drawn step, and the steps before it that were not drawn are walked
+    without grad or teacher: a round costs about K / n_train of the full one's network work."""
+    if not 0 < ch.sample < ch.n_train:
+        return list(range(ch.n_train))
+    return sorted(torch.randperm(ch.n_train, generator=gen)[:ch.sample].tolist())
 
 
 class Variant(NamedTuple):
@@ -213,6 +236,7 @@ class Variant(NamedTuple):
     task_step: Callable = distill_task   # (policy, task, cond, x, gen, chain) -> the task's loss, after its backward
     log_key: str = "kl"                  # the log's <log_key>_<task>
     balance: bool = True                 # whether --balance applies (False: a plain task mean)
+    sampled: bool = True                 # whether --sample-steps applies (task_step walks distill_task's chain)
     algorithm: str = "DiffusionOPD"
     loss: str = ""                       # the config's description of the loss ("": Eq. 12 or Eq. 11 by a)
     probe: Callable | None = None        # probe(policy, tasks, chain, table) -> dict, logged every probe_every rounds
@@ -347,14 +371,16 @@ def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
     rank_s, alpha_s = student_lora(cfg, st["kind"])
     grid = S.time_grid(cfg.steps, st["shift"], st["sigma_min"])
     n_train = S.trained_steps(grid, cfg.noise_level, cfg.train_fraction)
+    sample = cfg.sample_steps if variant.sampled and cfg.sample_steps < n_train else 0   # 0: every step (SFT,
+                                                                                         # DMD, TDM: their own)
     ch = Chain(grid, cfg.noise_level, n_train, g_student, g_teacher, cfg.bf16, cfg.prompts,
-               slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world))
+               slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world), sample)
     # the resolved config: every flag, plus base and teachers by resolved path AND weights (a resume
     # under anything else is refused, naming the keys - docs/formats.md, "Run folders")
     conf = dataclasses.asdict(cfg) | {
         "base": {"path": str(Path(base).resolve()) if Path(base).is_dir() else base, "weights": E.weights_hash(base)},
         "teachers": {t: {"path": str(Path(p).resolve()), "weights": E.weights_hash(p)} for t, p in by_task.items()},
-        "rank": rank_s, "alpha": alpha_s, "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": st["shift"],
+        "sample_steps": sample, "rank": rank_s, "alpha": alpha_s, "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": st["shift"],
         "grid": [round(float(x), 5) for x in grid], "trained_steps": n_train, "processes": world,
         "loss": variant.loss or ("Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)")}
     if table is not R.TASKS:                                     # real scale: the prompt files' hashes

@@ -19,6 +19,7 @@ sampler.Policy.from_transformer; teachers are LoRA adapters with random lora_B, 
 LoRA moved off its no-op init; text conditioning comes from a stand-in encoder (_encode) that
 gives each prompt a fixed random embedding. Nothing is pretrained or read from disk.
 """
+import itertools
 import math
 import zlib
 from pathlib import Path
@@ -494,6 +495,39 @@ def test_fused_equals_three_pass_gradient(a):
                    for j in range(5)]
             pol.use("student")
         assert abs(losses[0] - sum(kls) / 5) <= 1e-12 * losses[0], (losses[0], kls)
+    for p in params.values():
+        p.grad = None
+
+
+def test_sampled_steps_are_an_unbiased_estimate_of_every_step():
+    """--sample-steps K (deviation 6): sampled_steps draws every K-subset of the trained steps with
+    equal probability, so over the C(n, K) subsets the mean of distill_task's returned KL and of its
+    student gradient is the all-steps one, in float64 (ODE rollouts: the states do not depend on the
+    draw). Subsets are found by seed; K >= n trains every step with the same generator use."""
+    pol = tiny_policy()
+    params = pol.adapter_params("student")
+    grid, cond, x = S.time_grid(5), _encode(PROMPTS), _noise(3, 2)
+    full_ch, ch = D.Chain(grid, 0.0, 4, G_STUDENT, {"ocr": G_TEACHER}), D.Chain(grid, 0.0, 4, G_STUDENT, {"ocr": G_TEACHER}, sample=2)
+
+    def run(chain, seed):
+        for p in params.values():
+            p.grad = None
+        kl = D.distill_task(pol, "ocr", cond, x, torch.Generator().manual_seed(seed), chain)
+        return kl, {k: p.grad.clone() for k, p in params.items()}
+
+    seeds, counts = {}, {}
+    for seed in range(600):
+        sub = tuple(D.sampled_steps(ch, torch.Generator().manual_seed(seed)))
+        seeds.setdefault(sub, seed)
+        counts[sub] = counts.get(sub, 0) + 1
+    assert sorted(seeds) == sorted(itertools.combinations(range(4), 2)), sorted(seeds)
+    assert max(counts.values()) - min(counts.values()) < 45, counts      # 100 each expected, SD ~9
+    full_kl, full_g = run(full_ch, 0)
+    got = [run(ch, s) for s in seeds.values()]
+    mean_kl = sum(k for k, _ in got) / len(got)
+    assert abs(mean_kl - full_kl) <= 1e-12 * full_kl, (mean_kl, full_kl)
+    assert_same_grads({k: sum(g[k] for _, g in got) / len(got) for k in full_g}, full_g)
+    assert D.sampled_steps(D.Chain(grid, 0.0, 4, G_STUDENT, {}, sample=4), torch.Generator()) == [0, 1, 2, 3]
     for p in params.values():
         p.grad = None
 
