@@ -1,4 +1,4 @@
-"""bench_distill.py - time and memory of one Stage 2 round: fused schedule vs the released three-pass one.
+"""bench_distill.py - time and memory of one Stage 2 round: its passes, the fused schedule vs the released three-pass one.
 
 The released code runs (1) a no-grad student rollout, (2) teacher means at the stored states,
 (3) a gradient-carrying student recomputation at the same states. distill.py fuses (1) and
@@ -6,9 +6,9 @@ The released code runs (1) a no-grad student rollout, (2) teacher means at the s
 the three-pass schedule as the reference (test_opd.py checks that both give the same
 gradient in float64) and times both in one run, so the ratio is measured under the same load.
 
-    python bench_distill.py                  # toy: the shipped base/, ~1 min on 2 cores; ms per round and the ratio,
-                                             # and evaluation sampling with the adapter folded in vs as a branch
-    python bench_distill.py --prompts 16 --repeats 5
+    python bench_distill.py                  # toy: the shipped base/, ~1 min on 2 cores: a round's profile (passes,
+                                             # schedules, floors) and evaluation sampling folded vs as a branch
+    python bench_distill.py --sample-steps 3 --repeats 5     # docs/experiments.md, "Stage 2 on GenEval: sampled steps"
     python bench_distill.py --size tiny --threads 1   # SD3.5-M's architecture, shrunk, on the CPU: ~1 min
     python bench_distill.py --size full --dtype bf16 --repeats 2 --json runs/bench_full.json   # on a GPU
 
@@ -238,10 +238,14 @@ def main(argv=None):
         student LoRA (no gradient checkpointing: distill.py's default); peak allocated and reserved vs
         78 GiB (an 80 GB card shows ~79.1 GiB to torch; ~1 GiB goes to the CUDA context and library
         workspaces, which the allocator does not count). The text encoders and the VAE are NOT resident.
-    --size toy (toy()): fused_s, three_pass_s (one task's share of a round, the shipped base, rank-32
-        LoRAs), three_pass_over_fused; eval_folded_s / eval_branch_s: evaluation sampling (S.sample, 40
-        steps, one image per prompt) with a rank-96 LoRA - the main job's student - folded into the
-        weights (Policy.merged, what every evaluation does) / kept as a branch; eval_branch_over_folded.
+    --size toy (toy()): one task's share of the main job's round (the shipped base, a rank-96
+        student, a rank-32 teacher, CFG on both): fused_s (all steps), sampled_s (--sample-steps K,
+        the mean over 4 draws), three_pass_s; student_step_s / teacher_step_s / walk_step_s: one
+        step's passes (student velocity + backward, teacher velocity, student velocity without
+        grad); floor_s = trained steps x (student + teacher), floor_sampled_s = K x (student +
+        teacher) + (K (n + 1) / (K + 1) - K) x walk (the steps walked before the last drawn);
+        *_over_*: ratios. eval_folded_s / eval_branch_s: evaluation sampling (S.sample, 40 steps)
+        with the rank-96 student folded into the weights (Policy.merged) / as a branch.
 
     --dtype bf16 is distill.py's --bf16: every weight stays fp32 (backbone and LoRAs, the master
     weights), the transformer passes run under torch.autocast(bf16), the means, KL and backward in

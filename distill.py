@@ -29,9 +29,9 @@ docs/experiments.md, "The GenEval teacher at the student's CFG, and the student'
      is divided by its own detached value, so the round's gradient is mean_m grad log KL_m and
      every teacher moves the student by the same relative amount however far it sits from the
      base (docs/experiments.md, "Task balance: balanced (the default) vs the plain average").
-  6. Sampled steps (--sample-steps 3): each rollout trains 3 of its 10 steps drawn at random (an
-     unbiased estimate of Eq. 4's step sum, tested) and stops at the last: rounds ~2x cheaper, so
-     120 rounds fit the main job's time (docs/experiments.md, "Stage 2 on GenEval: sampled steps").
+  6. Sampled steps (--sample-steps 5): each rollout trains 5 of its 10 steps drawn at random (an
+     unbiased estimate of Eq. 4's step sum, tested) and stops at the last: rounds 1.5x cheaper, so
+     100 rounds fit the main job's time (docs/experiments.md, "Stage 2 on GenEval: sampled steps").
 """
 from __future__ import annotations
 
@@ -66,18 +66,18 @@ class DistillConfig:
     base: str = arg("", "the base of TASK=PATH teachers without opd.json: a diffusers SD3 folder or hub id")
     prompt_dir: str = arg("", 'SD3 bases: the prompt folder (README, "Real scale"); empty: the example set prompts/')
     out: str = arg("runs/distill", "run folder: created with its config; re-running the same command resumes it")
-    rounds: int = arg(120, "optimizer steps; each round visits every task once", ">= 1")
+    rounds: int = arg(100, "optimizer steps; each round visits every task once", ">= 1")
     minutes: float = arg(0.0, "also stop after this many minutes of training (probes and evaluations not counted; 0: no limit)", ">= 0")
     prompts: int = arg(8, "prompts per task per round (global, split over processes; paper: 24)", ">= 1")
     steps: int = arg(10, "rollout grid steps (paper: 10)", ">= 1")
     noise_level: float = arg(0.0, "a: 0 = ODE rollouts + Eq. 12 (paper default); > 0 = SDE + Eq. 11", ">= 0")
     train_fraction: float = arg(1.0, "train steps j < floor(fraction * steps), less a last step of negligible weight (sampler.trained_steps; deviation 3)", "> 0")
-    sample_steps: int = arg(3, "train K of those steps per rollout, drawn at random, the rollout stopped at the last drawn (0 or >= their number: all; deviation 6)", ">= 0")
+    sample_steps: int = arg(5, "train K of those steps per rollout, drawn at random, the rollout stopped at the last drawn (0 or >= their number: all; deviation 6)", ">= 0")
     cfg: float = arg(-1.0, "student CFG in rollouts; -1 = the base's own")
     lr: float = arg(2e-3, "AdamW learning rate", "> 0")
     rank: int = arg(0, "student LoRA rank; 0: 32 at real scale (the paper's), 96 on the toy (deviation 2)", ">= 0")
     alpha: int = arg(0, "student LoRA alpha; 0: twice the rank (paper: 64 for 32)", ">= 0")
-    eval_every: int = arg(60, "small paired eval on train prompts every N rounds (0: never)", ">= 0")
+    eval_every: int = arg(50, "small paired eval on train prompts every N rounds (0: never)", ">= 0")
     eval_small: int = arg(32, "images per task for that eval", ">= 1")
     eval_n: int = arg(256, "images per task, final evaluation, primary table (0: none)", ">= 0")
     eval_heldout_n: int = arg(64, "images per task, final evaluation, held-out table (0: none)", ">= 0")

@@ -57,7 +57,8 @@ class ExperimentConfig:
     teachers: list = arg([], "the teacher folders (default: every folder in ckpts/)")
     out: str = arg("runs/experiments", "where the studies' run folders go (each resumable)")
     docs: str = arg("docs/studies", "where each study's results JSON and figure are written")
-    rounds: int = arg(50, "Stage 2 rounds of every distillation run (the main job's)", ">= 1")
+    rounds: int = arg(D.DistillConfig.rounds, "Stage 2 rounds of every distillation run (the main job's; the shipped studies: 50)", ">= 1")
+    sample_steps: int = arg(D.DistillConfig.sample_steps, "Stage 2's --sample-steps in every distillation run (the main job's; the shipped studies: 0, every step)", ">= 0")
     probe_every: int = arg(5, "rounds between probe KLs (ablations.py --probe-every)", ">= 1")
     seeds: int = arg(3, "DiffusionOPD seeds in table1", ">= 1")
     quick: bool = arg(False, "tiny budgets everywhere: a smoke run of every code path")
@@ -79,7 +80,7 @@ def budgets(cfg: ExperimentConfig) -> dict:
                 "teacher": dict(iters=3, prompts=2, group=2, steps=3, rank=4, alpha=8, eval_n=0,
                                 eval_heldout_n=0, eval_every=3, eval_small=2),
                 "variance_rollouts": 2, "heldout_n": 2, "n": 2}
-    return {"distill": dict(rounds=cfg.rounds, eval_every=10, eval_small=32),
+    return {"distill": dict(rounds=cfg.rounds, sample_steps=cfg.sample_steps, eval_every=10, eval_small=32),
             "teacher": dict(iters=100_000, eval_n=0, eval_heldout_n=0, eval_every=100, eval_small=32),  # resumable
             "variance_rollouts": 32, "heldout_n": E.HELDOUT_N, "n": 256}
 

@@ -34,7 +34,8 @@ def test_distill_run_outputs(tiny_teachers, tmp_path):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log] == [0, 1, 2] and all(r["kl_ocr"] > 0 for r in log)
     conf = json.loads((out / "config.json").read_text())
-    assert conf["trained_steps"] == 3 == len(conf["grid"]) - 1             # every step trains by default
+    assert conf["trained_steps"] == 3 == len(conf["grid"]) - 1             # every step of the toy grid trains,
+    assert conf["sample_steps"] == 0 < 3 <= D.DistillConfig.sample_steps   # each rollout: --sample-steps K >= 3 = all
     assert all(set(r["scores"]) == set(r["heldout"]) == set(R.TASKS) for r in res["rows"])
     assert set(res["gains"]) == {"train", "test"} and "vs_base_heldout" in res["rows"][-1]
     meta = runs.read_meta(out / "checkpoint")
@@ -143,7 +144,9 @@ def test_distill_round_gradient_balances_tasks(tiny_teachers, tmp_path, monkeypa
 
 
 def test_distill_resume_equals_uninterrupted(tiny_teachers, tmp_path):
-    quiet = dict(eval_every=0, eval_n=0, eval_heldout_n=0)     # the final evaluation is not what is compared
+    """Killed inside round 2 and re-run: the same student as uninterrupted, with --sample-steps 2 of
+    3 (the draws come from each round's generator, so a resumed round draws the same steps)."""
+    quiet = dict(eval_every=0, eval_n=0, eval_heldout_n=0, sample_steps=2)   # the final evaluation is not compared
     D.run(_dcfg(tmp_path / "a", tiny_teachers, **quiet))
     calls = {"n": 0}
 
@@ -159,18 +162,19 @@ def test_distill_resume_equals_uninterrupted(tiny_teachers, tmp_path):
     D.run(_dcfg(tmp_path / "b", tiny_teachers, **quiet))
     sa, sb = _student(tmp_path / "a"), _student(tmp_path / "b")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), "resumed student differs"
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["sample_steps"] == 2
 
 
 # ---- processes, the command line, bad input --------------------------------------------------
 def test_distill_two_processes_match_one(tiny_teachers, tmp_path):
     """torchrun --nproc_per_node 2 (gloo) equals one process with the same global batch, for SDE
-    rollouts (a = 0.7: the initial and the per-step noise are drawn globally and sliced per process;
-    ODE rollouts draw only the first). The 2-process run also evaluates: every process samples and
-    scores its share of the final evaluation (image i on process i mod 2) and all get every score -
-    the per-image scores it cached for the base equal one process computing them afresh, and its
-    table has every row (n = 7 / 3: sizes no other test uses, so the run computes them itself)."""
+    rollouts (a = 0.7: the initial and the per-step noise are drawn globally and sliced per process,
+    on trained and walked steps alike - --sample-steps 2 of 3; ODE rollouts draw only the first).
+    The 2-process run also evaluates: every process samples and scores its share of the final
+    evaluation (image i on process i mod 2) and all get every score - the per-image scores it
+    cached for the base equal one process computing them afresh, and its table has every row (n = 7 / 3: sizes no other test uses, so the run computes them itself)."""
     args = ["--teachers", *tiny_teachers, "--rounds", "2", "--prompts", "4", "--steps", "3", "--eval-every", "0",
-            "--rank", "4", "--alpha", "8", "--noise-level", "0.7"]
+            "--rank", "4", "--alpha", "8", "--noise-level", "0.7", "--sample-steps", "2"]
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "distill.py",
                           *args, "--eval-n", "7", "--eval-heldout-n", "3", "--out", str(tmp_path / "two")],

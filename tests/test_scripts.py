@@ -75,18 +75,27 @@ def test_every_flag_has_help(script, monkeypatch):
 
 
 def test_bench_toy_times_both_schedules_and_folded_sampling(tiny_base, tmp_path, capsys):
-    """`bench_distill.py` (toy size, here on the tiny base): positive times for the fused and the
-    three-pass round and for evaluation sampling with a rank-96 adapter folded in and as a branch,
-    each ratio the one of its times, the JSON written as printed."""
+    """`bench_distill.py` (toy size, here on the tiny base): positive times for the fused round (all
+    steps and --sample-steps), the three-pass one, the per-step passes of the floor and evaluation
+    sampling with a rank-96 adapter folded in and as a branch, each ratio the one of its times, the
+    floors their passes' sums, the JSON written as printed."""
     out, threads = tmp_path / "toy.json", torch.get_num_threads()
     try:
-        res = B.main(["--base", str(tiny_base), "--prompts", "2", "--steps", "2", "--repeats", "1", "--threads", "1",
-                      "--json", str(out)])
+        res = B.main(["--base", str(tiny_base), "--prompts", "2", "--steps", "3", "--sample-steps", "1", "--repeats", "1",
+                      "--threads", "1", "--json", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == res and "folded into the weights" in capsys.readouterr().out
-    for k in ("fused_s", "three_pass_s", "eval_folded_s", "eval_branch_s"):
+    for k in ("fused_s", "three_pass_s", "sampled_s", "student_step_s", "teacher_step_s", "walk_step_s",
+              "eval_folded_s", "eval_branch_s"):
         assert res[k] > 0, (k, res[k])
+    assert res["trained_steps"] == 3 and res["sample_steps"] == 1, res
+    step = res["student_step_s"] + res["teacher_step_s"]
+    assert res["floor_s"] == pytest.approx(3 * step)
+    assert res["floor_sampled_s"] == pytest.approx(step + (1 * 4 / 2 - 1) * res["walk_step_s"])   # E[last drawn + 1] = 2
+    assert res["fused_over_floor"] == pytest.approx(res["fused_s"] / res["floor_s"])
+    assert res["sampled_over_floor"] == pytest.approx(res["sampled_s"] / res["floor_sampled_s"])
+    assert res["fused_over_sampled"] == pytest.approx(res["fused_s"] / res["sampled_s"])
     assert res["three_pass_over_fused"] == pytest.approx(res["three_pass_s"] / res["fused_s"])
     assert res["eval_branch_over_folded"] == pytest.approx(res["eval_branch_s"] / res["eval_folded_s"])
 
@@ -235,6 +244,7 @@ def test_policy_from_transformer_velocity_equals_loaded_policy():
 
 @pytest.mark.parametrize("argv", [["--size", "huge"], ["--size", "tiny", "--batches", "0"],
                                   ["--size", "tiny", "--batches", "1,x"], ["--size", "tiny", "--prompts", "4"],
+                                  ["--size", "tiny", "--sample-steps", "2"], ["--sample-steps", "-1"],
                                   ["--batches", "2"], ["--size", "tiny", "--fit-batch", "3"],
                                   ["--size", "full", "--dtype", "fp16"], ["--repeats", "0"],
                                   pytest.param(["--size", "full"], marks=pytest.mark.skipif(
