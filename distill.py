@@ -176,20 +176,22 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
     student's own detached mean: the rollout is on-policy. Returns the task's mean per-step KL.
     With several processes, x holds rows ch.local of a global batch of ch.n_global; SDE noise is
     drawn for the whole batch and sliced the same way, so any process count gives one rollout.
-    scale: the factor on each step's loss (default 1 / n_train: the steps' mean). step_loss: what
+    scale: the factor on each step's loss (default 1 / the steps trained: their mean; which steps:
+    sampled_steps, the others before the last are walked without grad or teacher). step_loss: what
     is backpropagated per step (ablations.py swaps in PPO / REINFORCE); on_step(j) runs after
     step j's backward (ablations.estimator_gradients reads .grad there)."""
     trained = sampled_steps(ch, gen)
     total, scale = 0.0, 1.0 / len(trained) if scale is None else scale
     amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
     policy.use("student")
-    for j in range(trained[-1] + 1):                                      # no state after the last trained step is needed
+    for j in range(trained[-1] + 1):                                      # no later state is needed
         t, t_next = float(ch.grid[j]), float(ch.grid[j + 1])
         std = S.step_std(t, t_next, ch.a)                                 # Eq. 6: shared by S and T
-        if j not in trained:              # --sample-steps: a step not drawn this rollout is only walked (no grad, no teacher)
+        if j not in trained:              # --sample-steps: a step not drawn is walked (student, no grad)
             with torch.no_grad(), amp():
                 mean = S.step_mean(x, policy.velocity(x, t, cond, ch.g_student), t, t_next, ch.a).to(x.dtype)
-            x = mean + std * torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else mean
+            noise = torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else 0.0
+            x = mean + std * noise                                        # the same draws as a trained step
             continue
         # ---- student mean, with grad (Eq. 7) ----
         with amp():
@@ -225,7 +227,7 @@ def sampled_steps(ch: Chain, gen: torch.Generator) -> list[int]:
     likely, so the mean of the drawn steps' KL is an unbiased estimate of the mean over all steps,
     and so is its gradient (Flow-GRPO's timestep fraction, here in Stage 2; deviation 6). The
     rollout ends at the last drawn step, and the steps before it that were not drawn are walked
-    without grad or teacher: a round costs about K / n_train of the full one's network work."""
+    without grad or teacher (a student velocity, ~1/3 of a trained step's passes: bench_distill.py)."""
     if not 0 < ch.sample < ch.n_train:
         return list(range(ch.n_train))
     return sorted(torch.randperm(ch.n_train, generator=gen)[:ch.sample].tolist())
@@ -371,8 +373,8 @@ def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
     rank_s, alpha_s = student_lora(cfg, st["kind"])
     grid = S.time_grid(cfg.steps, st["shift"], st["sigma_min"])
     n_train = S.trained_steps(grid, cfg.noise_level, cfg.train_fraction)
-    sample = cfg.sample_steps if variant.sampled and cfg.sample_steps < n_train else 0   # 0: every step (SFT,
-                                                                                         # DMD, TDM: their own)
+    # --sample-steps as run: 0 (every step) when K covers them all, or for SFT / DMD / TDM (their own steps)
+    sample = cfg.sample_steps if variant.sampled and cfg.sample_steps < n_train else 0
     ch = Chain(grid, cfg.noise_level, n_train, g_student, g_teacher, cfg.bf16, cfg.prompts,
                slice(rank * cfg.prompts // world, (rank + 1) * cfg.prompts // world), sample)
     # the resolved config: every flag, plus base and teachers by resolved path AND weights (a resume
@@ -380,7 +382,8 @@ def start(cfg: DistillConfig, variant: Variant) -> Run | dict:
     conf = dataclasses.asdict(cfg) | {
         "base": {"path": str(Path(base).resolve()) if Path(base).is_dir() else base, "weights": E.weights_hash(base)},
         "teachers": {t: {"path": str(Path(p).resolve()), "weights": E.weights_hash(p)} for t, p in by_task.items()},
-        "sample_steps": sample, "rank": rank_s, "alpha": alpha_s, "teacher_cfg": g_teacher, "student_cfg": g_student, "shift": st["shift"],
+        "sample_steps": sample, "rank": rank_s, "alpha": alpha_s, "teacher_cfg": g_teacher,
+        "student_cfg": g_student, "shift": st["shift"],
         "grid": [round(float(x), 5) for x in grid], "trained_steps": n_train, "processes": world,
         "loss": variant.loss or ("Eq. 12 (ODE)" if cfg.noise_level == 0 else "Eq. 11 (SDE)")}
     if table is not R.TASKS:                                     # real scale: the prompt files' hashes
