@@ -483,6 +483,26 @@ def main(argv=None):
     return res
 
 
+def eval_sampling_times(pol: S.Policy, ps: list, repeats: int, sync) -> dict:
+    """Evaluation sampling (S.sample, 40 steps, one image per prompt) with the active rank-96 student,
+    moved off its no-op init, folded into the weights (Policy.merged, what every evaluation does) vs
+    kept as a branch; interleaved, same load: {"eval_folded": [s, ...], "eval_branch": [s, ...]}."""
+    with torch.no_grad():
+        for p in pol.adapter_params("student").values():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    folded, branch, times = pol.merged, contextlib.nullcontext, {"eval_folded": [], "eval_branch": []}
+    for rep in range(repeats + 1):                             # first repeat is a warm-up
+        for name in times:
+            pol.merged = folded if name == "eval_folded" else branch
+            sync(); t0 = time.perf_counter()
+            S.sample(pol, ps, list(range(len(ps))), 40, pol.shift, pol.guidance)
+            sync()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    pol.merged = folded
+    return times
+
+
 def toy(args) -> dict:
     """--size toy: the shipped base/ and real prompts, the main job's round (a rank-96 student, rank-32
     teachers, CFG on both): one task's share of it fused, three-pass and with --sample-steps K; the
@@ -538,21 +558,7 @@ def toy(args) -> dict:
                 times[name].append((time.perf_counter() - t0) / (4 if name == "sampled" else 1))
             for p in params:
                 p.grad = None
-    # evaluation sampling (S.sample, 40 steps): the rank-96 student folded into the weights
-    # (Policy.merged, the default) vs kept as a branch; interleaved, same load
-    with torch.no_grad():
-        for p in pol.adapter_params("student").values():
-            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    folded, branch = pol.merged, contextlib.nullcontext
-    for rep in range(args.repeats + 1):
-        for name in ("eval_folded", "eval_branch"):
-            pol.merged = folded if name == "eval_folded" else branch
-            sync(); t0 = time.perf_counter()
-            S.sample(pol, ps, list(range(prompts)), 40, pol.shift, g)
-            sync()
-            if rep:
-                times.setdefault(name, []).append(time.perf_counter() - t0)
-    pol.merged = folded
+    times |= eval_sampling_times(pol, ps, args.repeats, sync)
     med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
     walked = k * (n_train + 1) / (k + 1) - k                   # E[last drawn step + 1] - K: steps walked untrained
     floor = n_train * (med["student_step"] + med["teacher_step"])

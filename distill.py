@@ -23,12 +23,10 @@ docs/experiments.md, "The GenEval teacher at the student's CFG, and the student'
      by default (--bf16, --grad-checkpointing, --ema 0.9 --ema-every 8: the released options).
   3. Per step the KL is a MEAN over dimensions, steps and tasks averaged (Eq. 4 sums over steps:
      a constant factor); at real scale the last grid step (.0089 -> 0) is not trained (trained_steps).
-  4. Data parallel by hand: the student's gradients are all-reduced after the round's backward
-     passes (DDP's wrapper cannot follow one backbone switching adapters within a step).
-  5. Task balance (--balance, default; --no-balance is the paper's plain average): each task's KL
-     is divided by its own detached value, so the round's gradient is mean_m grad log KL_m and
-     every teacher moves the student by the same relative amount however far it sits from the
-     base (docs/experiments.md, "Task balance: balanced (the default) vs the plain average").
+  4. Data parallel by hand: gradients all-reduced after the round (DDP cannot follow adapter switches).
+  5. Task balance (--balance; --no-balance: the paper's plain average): each task's KL is divided
+     by its own detached value, so the round's gradient is mean_m grad log KL_m (docs/experiments.md,
+     "Task balance: balanced (the default) vs the plain average").
   6. Sampled steps (--sample-steps 5): each rollout trains 5 of its 10 steps drawn at random (an
      unbiased estimate of Eq. 4's step sum, tested) and stops at the last: rounds 1.5x cheaper, so
      100 rounds fit the main job's time (docs/experiments.md, "Stage 2 on GenEval: sampled steps").
@@ -183,6 +181,8 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
     trained = sampled_steps(ch, gen)
     total, scale = 0.0, 1.0 / len(trained) if scale is None else scale
     amp = lambda: torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=ch.bf16)
+    # a step's noise eps_j: drawn for the global batch, this process's rows kept (none for ODE steps)
+    eps = lambda std: torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else 0.0
     policy.use("student")
     for j in range(trained[-1] + 1):                                      # no later state is needed
         t, t_next = float(ch.grid[j]), float(ch.grid[j + 1])
@@ -190,8 +190,7 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
         if j not in trained:              # --sample-steps: a step not drawn is walked (student, no grad)
             with torch.no_grad(), amp():
                 mean = S.step_mean(x, policy.velocity(x, t, cond, ch.g_student), t, t_next, ch.a).to(x.dtype)
-            noise = torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else 0.0
-            x = mean + std * noise                                        # the same draws as a trained step
+            x = mean + std * eps(std)                                     # the same draws as a trained step
             continue
         # ---- student mean, with grad (Eq. 7) ----
         with amp():
@@ -211,8 +210,7 @@ def distill_task(policy: S.Policy, task: str, cond: dict, x: torch.Tensor, gen: 
         kl = S.step_kl(mean_s, mean_t, std).mean()
         # ---- next state from the student's own kernel: x_{j+1} = mu_S + sbar eps (drawn before
         #      the backward, so a policy-gradient step_loss scores this very draw) ----
-        noise = torch.randn((ch.n_global or len(x), *x.shape[1:]), generator=gen)[ch.local].to(x) if std > 0 else 0.0
-        x_next = mean_s.detach().to(x.dtype) + std * noise
+        x_next = mean_s.detach().to(x.dtype) + std * eps(std)
         (step_loss(mean_s, mean_t, std, x_next.to(mean_s.dtype)) * scale).backward()   # Eq. 15: through mu_S only
         total += float(kl.detach())
         if on_step is not None:
